@@ -1,0 +1,76 @@
+"""Build a ComfyUI V1 node class from an OpSpec."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..solrl_core.graph.context import use_context
+from ..solrl_core.ops.spec import Input, OpSpec
+from .host import comfy_context
+
+
+def input_entry(inp: Input) -> tuple:
+    """The (type, options) pair ComfyUI's INPUT_TYPES expects for one input."""
+    opts: dict[str, Any] = {}
+    if inp.tooltip:
+        opts["tooltip"] = inp.tooltip
+    if inp.type == "COMBO":
+        if inp.default is not None:
+            opts["default"] = inp.default
+        return (list(inp.choices), opts)
+    if inp.is_widget:
+        if inp.default is not None:
+            opts["default"] = inp.default
+        for key in ("min", "max", "step"):
+            if getattr(inp, key) is not None:
+                opts[key] = getattr(inp, key)
+        if inp.type == "STRING" and inp.multiline:
+            opts["multiline"] = True
+        if inp.seed:
+            opts["control_after_generate"] = True
+    return (inp.type, opts)
+
+
+def node_class(spec: OpSpec) -> type:
+    required = {i.name: input_entry(i) for i in spec.inputs if not i.optional}
+    optional = {i.name: input_entry(i) for i in spec.inputs if i.optional}
+    hidden = {"dynprompt": "DYNPROMPT", "unique_id": "UNIQUE_ID"}
+
+    def INPUT_TYPES(cls) -> dict:  # noqa: N802 (ComfyUI's name)
+        return {"required": dict(required), "optional": dict(optional), "hidden": dict(hidden)}
+
+    def run(self, dynprompt: Any = None, unique_id: str | None = None, **kwargs: Any) -> Any:
+        if spec.expands:
+            kwargs.update(graph=dynprompt, node_id=unique_id)
+        with use_context(comfy_context(unique_id)):
+            if spec.trains:  # ComfyUI runs every node under inference_mode
+                with torch.inference_mode(False), torch.enable_grad():
+                    return spec.function(**kwargs)
+            return spec.function(**kwargs)
+
+    attrs: dict[str, Any] = {
+        "INPUT_TYPES": classmethod(INPUT_TYPES),
+        "RETURN_TYPES": tuple(o.type for o in spec.outputs),
+        "RETURN_NAMES": tuple(o.name for o in spec.outputs),
+        "OUTPUT_TOOLTIPS": tuple(o.tooltip for o in spec.outputs),
+        "FUNCTION": "run",
+        "CATEGORY": spec.category,
+        "DESCRIPTION": spec.description,
+        "OUTPUT_NODE": spec.output_node,
+        "run": run,
+        "__doc__": spec.description,
+    }
+    if spec.always_run:
+        # NaN never equals itself, so ComfyUI's cache never serves this node from a previous run.
+        attrs["IS_CHANGED"] = classmethod(lambda cls, **kw: math.nan)
+    if spec.validate is not None:
+        def VALIDATE_INPUTS(cls, **kw: Any) -> bool | str:  # noqa: N802 (ComfyUI's name)
+            try:
+                spec.validate({k: v for k, v in kw.items() if k not in hidden})
+            except (ValueError, FileNotFoundError) as e:
+                return str(e)
+            return True
+        attrs["VALIDATE_INPUTS"] = classmethod(VALIDATE_INPUTS)
+    return type(spec.id, (), attrs)
