@@ -1,0 +1,172 @@
+"""Model transform: replace eligible linears by quantized layers, report, and refresh them in place."""
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .backends import select_backend
+from .layers import QuantizedLayer, as_matrix, make_quantized_layer
+
+# Reference thresholds (spec, algorithm section 4): skip layers with max(in, out) <= min_dim.
+FAMILY_MIN_DIM = {"sd3": 2432, "flux": 1000, "sana": 2240}
+# Embedders (patch, timestep, text, guidance, caption), the final norm and the output projection.
+DEFAULT_SKIP = ("*embed*", "*caption_projection*", "*norm_out*", "proj_out")
+
+REPORT_ATTRIBUTE = "solrl_quant_report"
+
+
+@dataclass
+class QuantConfig:
+    """Which layers to quantize and how.
+
+    Patterns are fnmatch globs matched against the full module name (e.g. "transformer_blocks.*.ff.*").
+    A layer is quantized when it matches `include`, or else when it matches no `skip` pattern and
+    max(in, out) > min_dim. `pointwise_convs` also quantizes 1x1 Conv2d (SANA's feed-forward).
+    """
+
+    skip: tuple[str, ...] = DEFAULT_SKIP
+    include: tuple[str, ...] = ()
+    min_dim: int = 0
+    weight_tile: tuple[int, int] = (16, 16)
+    cache_dequantized: bool = False
+    pointwise_convs: bool = True
+
+    @classmethod
+    def for_family(cls, family: str, **overrides) -> QuantConfig:
+        return cls(min_dim=FAMILY_MIN_DIM[family.lower()], **overrides)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    in_features: int
+    out_features: int
+    rel_error: float  # ||W - dequant(quant(W))|| / ||W||
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class QuantReport:
+    backend: str
+    backend_reason: str
+    quantized: list[LayerReport] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer name -> reason
+    requantize_seconds: float | None = None
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(layer.bytes_before for layer in self.quantized)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(layer.bytes_after for layer in self.quantized)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(bytes_before=self.bytes_before, bytes_after=self.bytes_after)
+        return d
+
+    def summary(self) -> str:
+        worst = max(self.quantized, key=lambda r: r.rel_error, default=None)
+        worst_txt = f", worst rel. weight error {worst.rel_error:.3f} ({worst.name})" if worst else ""
+        return (f"{self.backend}: {len(self.quantized)} layers quantized, {len(self.skipped)} skipped, "
+                f"weights {self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB{worst_txt}")
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _candidate(module: nn.Module, config: QuantConfig) -> bool:
+    if isinstance(module, QuantizedLayer):
+        return False
+    if isinstance(module, nn.Linear):
+        return True
+    return (config.pointwise_convs and isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
+            and module.groups == 1 and module.stride == (1, 1) and module.padding in ((0, 0), "valid")
+            and module.dilation == (1, 1))
+
+
+def skip_reason(name: str, module: nn.Module, config: QuantConfig) -> str | None:
+    """Why `module` stays high precision, or None when it gets quantized."""
+    if _matches(name, config.include):
+        return None
+    if _matches(name, config.skip):
+        return "matches a skip pattern"
+    w = as_matrix(module.weight)
+    if max(w.shape) <= config.min_dim:
+        return f"max(in, out) = {max(w.shape)} <= min_dim {config.min_dim}"
+    if w.shape[1] % 16:
+        return f"in_features {w.shape[1]} is not a multiple of 16"
+    if config.weight_tile == (16, 16) and w.shape[0] % 16:
+        return f"out_features {w.shape[0]} is not a multiple of 16 (16x16 tiles)"
+    return None
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    reference = reference.float()
+    norm = reference.norm().item()
+    return (approx.float() - reference).norm().item() / norm if norm else 0.0
+
+
+def quantize_model(model: nn.Module, config: QuantConfig | None = None, backend: str = "emulated") -> QuantReport:
+    """Replace eligible linears of `model` in place; returns (and attaches to the model) a QuantReport.
+
+    backend: "emulated", "te_nvfp4", "te_fp8", "cpu_int8", "none" or "auto" (see select_backend).
+    """
+    config = config or QuantConfig()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    choice = select_backend(backend, device)
+    report = QuantReport(choice.name, choice.reason)
+    targets = [(n, m) for n, m in model.named_modules() if n and _candidate(m, config)]
+    for name, module in targets:
+        reason = "backend 'none'" if choice.name == "none" else skip_reason(name, module, config)
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        layer = make_quantized_layer(choice.name, module, name, config.weight_tile, config.cache_dequantized)
+        weight = as_matrix(module.weight)
+        report.quantized.append(LayerReport(
+            name, layer.in_features, layer.out_features,
+            _relative_error(weight, layer.dequantized_weight()),
+            weight.numel() * weight.element_size(), layer.weight_nbytes))
+        _set_submodule(model, name, layer)
+    setattr(model, REPORT_ATTRIBUTE, report)
+    return report
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+
+
+def requantize_model(model: nn.Module, source: nn.Module | Mapping[str, torch.Tensor]) -> float:
+    """Refresh every quantized layer from new high-precision weights; returns seconds taken.
+
+    `source` is a module with the original (unquantized) structure or its state dict, with names
+    like "blocks.0.attn.to_q.weight". Layers are updated in place, never rebuilt.
+    """
+    start = time.perf_counter()
+    state = source.state_dict() if isinstance(source, nn.Module) else source
+    layers = quantized_layers(model)
+    missing = [f"{n}.weight" for n in layers if f"{n}.weight" not in state]
+    if missing:
+        raise ValueError(f"requantize: source has no weight for {len(missing)} quantized layers, e.g. '{missing[0]}'")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.refresh(state[f"{name}.weight"], state.get(f"{name}.bias"))
+    seconds = time.perf_counter() - start
+    report = getattr(model, REPORT_ATTRIBUTE, None)
+    if isinstance(report, QuantReport):
+        report.requantize_seconds = seconds
+    return seconds

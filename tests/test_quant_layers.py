@@ -1,0 +1,139 @@
+"""Quantized linear layers and backend selection."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from solrl_core.quant import Int8DynamicLinear, NVFP4Linear, quantize, select_backend
+from solrl_core.quant import backends as backends_mod
+
+
+@pytest.mark.parametrize("tile", [(1, 16), (16, 16)])
+@pytest.mark.parametrize("cache", [False, True])
+def test_w4a4_equals_dequantize_matmul_alpha(tile, cache):
+    lin = torch.nn.Linear(128, 64)
+    x = torch.randn(4, 7, 128) * 3
+    layer = NVFP4Linear(lin.weight, lin.bias, "blk.ff", tile=tile, cache_dequantized=cache)
+    qa, qw = quantize(x.reshape(-1, 128)), quantize(lin.weight, tile)
+    alpha = qa.amax.double() * qw.amax.double() / (6 * 6 * 448 * 448)
+    ref = (qa.dequantize_unscaled().double() @ qw.dequantize_unscaled().double().T) * alpha + lin.bias.double()
+    out = layer(x).reshape(-1, 64).double()
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-6
+    # Same thing through the fully dequantized operands.
+    deq = qa.dequantize() @ qw.dequantize().T + lin.bias
+    assert torch.allclose(out.float(), deq, rtol=1e-5, atol=1e-5 * deq.abs().max().item())
+    assert layer.input_amax.item() == x.abs().max().item()
+
+
+def test_w4a4_keeps_dtype_and_bias_free_path():
+    lin = torch.nn.Linear(64, 32, bias=False)
+    layer = NVFP4Linear(lin.weight, None, "x")
+    for dtype in (torch.float32, torch.bfloat16):
+        y = layer(torch.randn(5, 64, dtype=dtype))
+        assert y.dtype == dtype and y.shape == (5, 32)
+
+
+def test_pointwise_conv_as_linear():
+    conv = torch.nn.Conv2d(32, 48, 1)
+    layer = NVFP4Linear(conv.weight, conv.bias, "ff.conv_inverted", tile=(16, 16), pointwise_conv=True)
+    x = torch.randn(2, 32, 4, 4)
+    y, ref = layer(x), conv(x)
+    assert y.shape == ref.shape
+    assert ((y - ref).norm() / ref.norm()).item() < 0.25
+
+
+def test_activation_error_names_layer():
+    layer = NVFP4Linear(torch.randn(16, 32), None, "transformer_blocks.3.attn.to_k")
+    with pytest.raises(ValueError, match="transformer_blocks.3.attn.to_k.*NaN"):
+        layer(torch.full((2, 32), float("nan")))
+
+
+def test_cpu_int8_close_to_fp32():
+    lin = torch.nn.Linear(256, 128)
+    layer = Int8DynamicLinear(lin.weight, lin.bias, "x")
+    x = torch.randn(8, 256)
+    ref = lin(x)
+    rel = ((layer(x) - ref).norm() / ref.norm()).item()
+    assert rel < 0.03
+    assert layer.weight_nbytes == 256 * 128 + 4 * 128
+
+
+@pytest.mark.parametrize(
+    "device,cap,te,expected",
+    [
+        ("cpu", None, False, "emulated"),
+        ("cpu", None, True, "emulated"),
+        ("cuda", (10, 0), True, "te_nvfp4"),
+        ("cuda", (12, 0), True, "te_nvfp4"),
+        ("cuda", (9, 0), True, "te_fp8"),
+        ("cuda", (8, 9), True, "te_fp8"),
+        ("cuda", (8, 0), True, "emulated"),
+        ("cuda", (10, 0), False, "emulated"),
+    ],
+)
+def test_auto_backend_selection(monkeypatch, device, cap, te, expected):
+    monkeypatch.setattr(backends_mod, "transformer_engine_available", lambda: te)
+    choice = select_backend("auto", device, capability=cap)
+    assert choice.name == expected and choice.reason
+
+
+def test_explicit_backend_checks(monkeypatch):
+    monkeypatch.setattr(backends_mod, "transformer_engine_available", lambda: False)
+    assert select_backend("cpu_int8", "cpu").name == "cpu_int8"
+    assert select_backend("none", "cpu").name == "none"
+    with pytest.raises(ValueError, match="CUDA"):
+        select_backend("te_nvfp4", "cpu")
+    with pytest.raises(ValueError, match="10.0"):
+        select_backend("te_nvfp4", "cuda", capability=(9, 0))
+    with pytest.raises(ValueError, match="transformer_engine"):
+        select_backend("te_fp8", "cuda", capability=(9, 0))
+    with pytest.raises(ValueError, match="unknown"):
+        select_backend("fp3", "cpu")
+
+
+def test_transformer_engine_import_failure_is_caught(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def failing(name, *args, **kwargs):
+        if name.startswith("transformer_engine"):
+            raise RuntimeError("no CUDA")  # what TE really raises on CPU machines
+        return real_import(name, *args, **kwargs)
+
+    backends_mod.import_transformer_engine.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", failing)
+    try:
+        assert backends_mod.import_transformer_engine() is None
+    finally:
+        backends_mod.import_transformer_engine.cache_clear()
+
+
+def _gpu_with(min_cap: tuple[int, int]) -> bool:
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() >= min_cap
+            and backends_mod.transformer_engine_available())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_with((10, 0)), reason="needs sm_100+ and transformer_engine")
+def test_te_nvfp4_matches_emulated():
+    from solrl_core.quant import TELinear
+
+    lin = torch.nn.Linear(256, 128, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    te_layer = TELinear(lin.weight, lin.bias, "te_nvfp4", "x", tile=(16, 16))
+    emu = NVFP4Linear(lin.weight, lin.bias, "x", tile=(16, 16))
+    a, b = te_layer(x).float(), emu(x).float()
+    assert ((a - b).norm() / b.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_with((8, 9)), reason="needs sm_89+ and transformer_engine")
+def test_te_fp8_close_to_bf16():
+    from solrl_core.quant import TELinear
+
+    lin = torch.nn.Linear(256, 128, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    layer = TELinear(lin.weight, lin.bias, "te_fp8", "x")
+    ref = lin(x).float()
+    assert ((layer(x).float() - ref).norm() / ref.norm()).item() < 0.1
