@@ -14,7 +14,7 @@ from typing import Any
 
 from ..ops.registry import get_op
 from ..ops.spec import OpSpec
-from .context import Interrupted, RunContext, current_context
+from .context import Interrupted, RunContext, current_context, use_context
 from .errors import WorkflowError
 from .workflow import ApiGraph, _sort_key, is_link
 
@@ -135,6 +135,10 @@ class Executor:
 
     # --- running ------------------------------------------------------------------------
     def run(self) -> ExecutionResult:
+        with use_context(self.ctx):
+            return self._run()
+
+    def _run(self) -> ExecutionResult:
         nodes = sorted(self.graph.ids(), key=_sort_key)
         targets = [nid for nid in nodes if self._spec(nid).output_node]
         needed: set[str] = set(targets)

@@ -142,7 +142,10 @@ def ui_to_api(ui: dict, source: str = "workflow") -> ApiGraph:
             vals = src.get("widgets_values") or [None]
             return _Literal(vals[0])
         if mode == MODE_BYPASSED:
-            out_type = (src.get("outputs") or [{}] * (slot + 1))[slot].get("type")
+            outs = src.get("outputs") or []
+            src_spec = get_op(kind)
+            out_type = (outs[slot].get("type") if slot < len(outs) else
+                        src_spec.outputs[slot].type if src_spec and slot < len(src_spec.outputs) else None)
             for inp in src.get("inputs") or []:
                 if inp.get("link") is not None and inp.get("type") == out_type:
                     return origin(inp["link"], (*seen, src_id))

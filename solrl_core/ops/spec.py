@@ -44,31 +44,27 @@ class Input:
     def check(self, value: Any) -> Any:
         """Validate (and normalise) a literal widget value; raises InputError naming the input."""
         name = self.name
-        if self.type == "INT":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                    isinstance(value, float) and not value.is_integer()):
-                raise InputError(name, f"expected an integer, got {value!r}")
-            value = int(value)
-        elif self.type == "FLOAT":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InputError(name, f"expected a number, got {value!r}")
-            value = float(value)
-            if not math.isfinite(value):
-                raise InputError(name, f"expected a finite number, got {value!r}")
-        elif self.type == "BOOLEAN":
-            if not isinstance(value, bool):
-                raise InputError(name, f"expected true or false, got {value!r}")
-        elif self.type == "STRING":
-            if not isinstance(value, str):
-                raise InputError(name, f"expected a string, got {value!r}")
-        elif self.type == "COMBO":
-            if value not in self.choices:
-                raise InputError(name, f"{value!r} is not one of {list(self.choices)}")
         if self.type in ("INT", "FLOAT"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                kind = "an integer" if self.type == "INT" else "a number"
+                raise InputError(name, f"expected {kind}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(name, f"expected a finite number, got {value!r}")
             if self.min is not None and value < self.min:
-                raise InputError(name, f"{value!r} is below the minimum {self.min:g}")
+                raise InputError(name, f"{value:g} is below the minimum {self.min:g}")
             if self.max is not None and value > self.max:
-                raise InputError(name, f"{value!r} is above the maximum {self.max:g}")
+                raise InputError(name, f"{value:g} is above the maximum {self.max:g}")
+            if self.type == "INT":
+                if isinstance(value, float) and not value.is_integer():
+                    raise InputError(name, f"expected an integer, got {value!r}")
+                return int(value)
+            return float(value)
+        if self.type == "BOOLEAN" and not isinstance(value, bool):
+            raise InputError(name, f"expected true or false, got {value!r}")
+        if self.type == "STRING" and not isinstance(value, str):
+            raise InputError(name, f"expected a string, got {value!r}")
+        if self.type == "COMBO" and value not in self.choices:
+            raise InputError(name, f"{value!r} is not one of {list(self.choices)}")
         return value
 
 
