@@ -76,7 +76,11 @@ class QuantReport:
         worst = max(self.quantized, key=lambda r: r.rel_error, default=None)
         worst_txt = f", worst rel. weight error {worst.rel_error:.3f} ({worst.name})" if worst else ""
         return (f"{self.backend}: {len(self.quantized)} layers quantized, {len(self.skipped)} skipped, "
-                f"weights {self.bytes_before / 2**20:.1f} -> {self.bytes_after / 2**20:.1f} MiB{worst_txt}")
+                f"weights {_mib(self.bytes_before)} -> {_mib(self.bytes_after)} MiB{worst_txt}")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.3g}"
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -154,7 +158,8 @@ def requantize_model(model: nn.Module, source: nn.Module | Mapping[str, torch.Te
     """Refresh every quantized layer from new high-precision weights; returns seconds taken.
 
     `source` is a module with the original (unquantized) structure or its state dict, with names
-    like "blocks.0.attn.to_q.weight". Layers are updated in place, never rebuilt.
+    like "blocks.0.attn.to_q.weight". Layers are updated in place, never rebuilt; parameters and
+    buffers of the layers kept in high precision are copied from `source` as well.
     """
     start = time.perf_counter()
     state = source.state_dict() if isinstance(source, nn.Module) else source
@@ -165,6 +170,11 @@ def requantize_model(model: nn.Module, source: nn.Module | Mapping[str, torch.Te
     with torch.no_grad():
         for name, layer in layers.items():
             layer.refresh(state[f"{name}.weight"], state.get(f"{name}.bias"))
+        # The layers left in high precision (embedders, norms, ...) follow the source too.
+        prefixes = tuple(f"{n}." for n in layers)
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if not name.startswith(prefixes) and name in state and state[name].shape == tensor.shape:
+                tensor.copy_(state[name])
     seconds = time.perf_counter() - start
     report = getattr(model, REPORT_ATTRIBUTE, None)
     if isinstance(report, QuantReport):
