@@ -16,6 +16,7 @@ adapter_state / load_adapter_state, make_inference_copy / refresh_inference_copy
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -50,7 +51,9 @@ def add_lora(policy: FlowPolicy, rank: int = 32, alpha: float = 64, init: str | 
                         lora_dropout=dropout)
     model.requires_grad_(False)
     inject_adapter_in_model(config, model, adapter_name=TRAINED)
-    inject_adapter_in_model(copy.deepcopy(config), model, adapter_name=SAMPLING)
+    with warnings.catch_warnings():  # a second adapter on one model is what we want here
+        warnings.filterwarnings("ignore", message=".*peft_config.*")
+        inject_adapter_in_model(copy.deepcopy(config), model, adapter_name=SAMPLING)
     load_adapter_state(model, SAMPLING, adapter_state(model, TRAINED))
     _set_active(model, TRAINED)
     return model
