@@ -177,6 +177,8 @@ def _build(fam: str, c: dict, device, dtype, source: str, options: dict) -> Flow
             chi = c["vae"] is not None
         if chi is True:
             chi = default_complex_human_instruction()
+        # A small tokenizer (the tiny model's: 16 tokens) caps the prompt length SANA pads to (300).
+        options.setdefault("max_sequence_length", min(300, int(getattr(c["tokenizer"], "model_max_length", 300))))
         return SanaPolicy(c["transformer"], c["text_encoder"], c["tokenizer"], vae=c["vae"],
                           scheduler=c["scheduler"], device=device, dtype=dtype, source=source,
                           complex_human_instruction=chi or (), **options)
