@@ -26,7 +26,7 @@ E2M1_VALUES = torch.tensor(
 # Both nibbles of every byte decoded at once: row b holds (value of low nibble, value of high nibble).
 _BYTE_TO_PAIR = torch.stack([E2M1_VALUES[torch.arange(256) & 15], E2M1_VALUES[torch.arange(256) >> 4]], 1)
 
-_CHUNK_ELEMENTS = 1 << 18
+_CHUNK_ELEMENTS = 1 << 17
 _F32_EXPONENT_MASK = 0x7F800000
 _F32_ONE_BITS = 0x3F800000
 _F32_MANTISSA_BITS = 23
@@ -132,7 +132,7 @@ class _Workspace:
         self.mag = torch.empty(rows, k, dtype=torch.float32, device=device)
         self.exp = torch.empty(rows, k, dtype=torch.int32, device=device)
         self.sign = torch.empty(rows, k, dtype=torch.bool, device=device)
-        self.pair = torch.empty(rows, k // 2, dtype=torch.int32, device=device)
+        self.pair = torch.empty(rows, k // 2, dtype=torch.int64, device=device)
 
     def view(self, rows: int) -> tuple[torch.Tensor, ...]:
         return self.mag[:rows], self.exp[:rows], self.sign[:rows], self.pair[:rows]
@@ -157,12 +157,23 @@ def _quantize_rows(x: torch.Tensor, tile_rows: int, s_enc_over_6: torch.Tensor, 
     mag.view(n, k // BLOCK, BLOCK).mul_(enc.unsqueeze(-1))
     mag.clamp_(max=E2M1_MAX)
     codes = _e2m1_magnitude_codes(mag, exp)
-    torch.signbit(x, out=sign)
-    codes.add_(sign, alpha=8)
-    pairs = codes.view(n, k // 2, 2)
-    torch.bitwise_left_shift(pairs[..., 1], 4, out=pair)
-    pair.bitwise_or_(pairs[..., 0])
+    _add_sign_bits(x, codes, exp, sign)
+    # Pack pairs through a 64-bit view: one int64 holds (code 2i, code 2i+1 << 32), little-endian, so
+    # (v | v >> 28) has code 2i in bits 0-3 and code 2i+1 in bits 4-7; the uint8 cast keeps that byte.
+    pairs = codes.view(torch.int64)
+    torch.bitwise_right_shift(pairs, 28, out=pair)
+    pair.bitwise_or_(pairs)
     packed_out.copy_(pair)
+
+
+def _add_sign_bits(x: torch.Tensor, codes: torch.Tensor, scratch: torch.Tensor, sign: torch.Tensor) -> None:
+    """Set bit 3 of each code where x has its sign bit set (so -0.0 and tiny negatives keep their sign)."""
+    if x.dtype == torch.float32:
+        torch.bitwise_right_shift(x.view(torch.int32), 28, out=scratch)  # sign bit -> bit 3 (and above)
+        codes.bitwise_or_(scratch.bitwise_and_(8))
+    else:
+        torch.signbit(x, out=sign)
+        codes.add_(sign, alpha=8)
 
 
 def _e2m1_magnitude_codes(mag: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:

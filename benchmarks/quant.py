@@ -1,0 +1,130 @@
+"""NVFP4 quantization benchmark: quantizer speed, emulated W4A4 / int8 linears vs fp32, weight bytes.
+
+    python benchmarks/quant.py            # 4096x4096 weight, 1024x4096 activation
+    python benchmarks/quant.py --quick    # small shapes, seconds
+
+A and B run interleaved in each repeat; the table quotes medians and ratios, written to
+benchmarks/results/quant.md (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from solrl_core.quant import Int8DynamicLinear, NVFP4Linear, quantize  # noqa: E402
+
+FLT_MAX = torch.finfo(torch.float32).max
+
+
+def quantize_straightforward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec formula written plainly in torch (1x16 blocks): the baseline our quantizer is timed against."""
+    x = x.float()
+    m, k = x.shape
+    amax = x.abs().max()
+    s_enc = torch.where(amax == 0, torch.ones_like(amax), (2688.0 / amax).clamp(max=FLT_MAX))
+    s_dec = 1.0 / s_enc
+    blocks = x.view(m, k // 16, 16)
+    block_amax = blocks.abs().amax(-1)
+    s_blk = (block_amax * (s_enc * torch.tensor(1 / 6))).clamp(-448, 448).to(torch.float8_e4m3fn)
+    enc = (1.0 / (s_blk.float() * s_dec)).clamp(max=FLT_MAX)
+    v = (blocks * enc.unsqueeze(-1)).clamp(-6, 6).view(m, k)
+    a = v.abs()
+    code = ((a > 0.25).to(torch.uint8) + (a >= 0.75) + (a > 1.25) + (a >= 1.75) + (a > 2.5) + (a >= 3.5)
+            + (a > 5.0))
+    code = code | (torch.signbit(v).to(torch.uint8) << 3)
+    return code[:, 0::2] | (code[:, 1::2] << 4), s_blk
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run round-robin so load changes hit all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes (1024x1024 weight, 256x1024 activation)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    n, k, m = (1024, 1024, 256) if args.quick else (4096, 4096, 1024)
+    weight = torch.randn(n, k) * 0.02
+    bias = torch.randn(n) * 0.01
+    x = torch.randn(m, k)
+
+    ours, plain = quantize(weight), quantize_straightforward(weight)
+    assert torch.equal(ours.packed, plain[0]) and torch.equal(ours.block_scales.view(torch.uint8),
+                                                              plain[1].view(torch.uint8))
+    t_quant = interleaved({"ours": lambda: quantize(weight), "plain": lambda: quantize_straightforward(weight),
+                           "ours_bf16": lambda: quantize(weight.bfloat16())}, args.repeats)
+
+    w4a4 = NVFP4Linear(weight, bias, "bench", tile=(16, 16))
+    w4a4_cached = NVFP4Linear(weight, bias, "bench", tile=(16, 16), cache_dequantized=True)
+    int8 = Int8DynamicLinear(weight, bias, "bench")
+    with torch.no_grad():
+        t_lin = interleaved({"fp32": lambda: F.linear(x, weight, bias), "w4a4": lambda: w4a4(x),
+                             "w4a4_cached": lambda: w4a4_cached(x), "int8": lambda: int8(x)}, args.repeats)
+        ref = F.linear(x, weight, bias)
+        err = {name: ((layer(x) - ref).norm() / ref.norm()).item()
+               for name, layer in (("w4a4", w4a4), ("int8", int8))}
+
+    ms = {name: 1000 * s for name, s in {**t_quant, **t_lin}.items()}
+    rows = [
+        ("quantize, straightforward torch (fp32)", ms["plain"], "1.00x", ""),
+        ("quantize, solrl (fp32)", ms["ours"], f"{t_quant['plain'] / t_quant['ours']:.2f}x faster", "bit-identical"),
+        ("quantize, solrl (bf16 input, incl. cast)", ms["ours_bf16"],
+         f"{t_quant['plain'] / t_quant['ours_bf16']:.2f}x faster", ""),
+        ("linear fp32", ms["fp32"], "1.00x", "reference"),
+        ("linear emulated W4A4 NVFP4", ms["w4a4"], f"{t_lin['fp32'] / t_lin['w4a4']:.2f}x",
+         f"rel. error {err['w4a4']:.4f}"),
+        ("linear emulated W4A4, dequantized weight cached", ms["w4a4_cached"],
+         f"{t_lin['fp32'] / t_lin['w4a4_cached']:.2f}x", f"rel. error {err['w4a4']:.4f}"),
+        ("linear cpu_int8 (fbgemm dynamic)", ms["int8"], f"{t_lin['fp32'] / t_lin['int8']:.2f}x",
+         f"rel. error {err['int8']:.4f}"),
+    ]
+    numel = n * k
+    byte_rows = [("fp32", 4 * numel), ("bf16", 2 * numel), ("NVFP4 (packed + E4M3 scales + fp32 scale)", ours.nbytes),
+                 ("int8 (+ fp32 scale per row)", int8.weight_nbytes)]
+    lines = [
+        f"# Quantization benchmark ({'quick' if args.quick else 'full'})",
+        "",
+        f"`python benchmarks/quant.py{' --quick' if args.quick else ''}`: torch {torch.__version__}, "
+        f"{args.threads} thread(s), median of {args.repeats} interleaved repeats. "
+        f"Weight {n}x{k}, activation {m}x{k}. Speed ratio > 1 means faster than the baseline row.",
+        "",
+        "| what | median ms | vs baseline | note |",
+        "|---|---:|---:|---|",
+        *[f"| {what} | {t:.1f} | {ratio} | {note} |" for what, t, ratio, note in rows],
+        "",
+        "| weight storage | bytes | bytes / element |",
+        "|---|---:|---:|",
+        *[f"| {what} | {b:,} | {b / numel:.4f} |" for what, b in byte_rows],
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
