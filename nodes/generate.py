@@ -7,8 +7,24 @@ from typing import Any
 import torch
 
 from ..solrl_core.graph.context import use_context
-from ..solrl_core.ops.spec import Input, OpSpec
+from ..solrl_core.ops.spec import ANY, Input, OpSpec
 from .host import comfy_context
+
+
+class AnyType(str):
+    """ComfyUI compares socket types with `!=`; this type matches every other type."""
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    __hash__ = str.__hash__
+
+
+ANY_TYPE = AnyType(ANY)
+
+
+def comfy_type(type_name: str) -> str:
+    return ANY_TYPE if type_name == ANY else type_name
 
 
 def input_entry(inp: Input) -> tuple:
@@ -30,7 +46,7 @@ def input_entry(inp: Input) -> tuple:
             opts["multiline"] = True
         if inp.seed:
             opts["control_after_generate"] = True
-    return (inp.type, opts)
+    return (comfy_type(inp.type), opts)
 
 
 def node_class(spec: OpSpec) -> type:
@@ -52,7 +68,7 @@ def node_class(spec: OpSpec) -> type:
 
     attrs: dict[str, Any] = {
         "INPUT_TYPES": classmethod(INPUT_TYPES),
-        "RETURN_TYPES": tuple(o.type for o in spec.outputs),
+        "RETURN_TYPES": tuple(comfy_type(o.type) for o in spec.outputs),
         "RETURN_NAMES": tuple(o.name for o in spec.outputs),
         "OUTPUT_TOOLTIPS": tuple(o.tooltip for o in spec.outputs),
         "FUNCTION": "run",

@@ -1,0 +1,89 @@
+"""Start a real ComfyUI (headless, CPU) with this pack installed, for conformance tests.
+
+Skips unless COMFYUI_PATH points at a ComfyUI checkout; COMFYUI_PYTHON picks the interpreter
+that has ComfyUI's requirements (default: this one).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, base: Path):
+        comfy = os.environ.get("COMFYUI_PATH")
+        if not comfy:
+            pytest.skip("COMFYUI_PATH is not set")
+        self.base = base
+        (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+        (base / "custom_nodes" / "solrl").symlink_to(ROOT, target_is_directory=True)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+        self.log = open(base / "comfyui.log", "w")
+        self.proc = subprocess.Popen(
+            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", str(base), "--disable-auto-launch"],
+            cwd=comfy, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: see {base / 'comfyui.log'}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(1)
+        raise TimeoutError("ComfyUI did not start in 180 s")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.load(r)
+
+    def post(self, path: str, payload: dict | None = None):
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload or {}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            body = r.read()
+            return json.loads(body) if body else None
+
+    def queue(self, api: dict, timeout: float = 600) -> dict:
+        """POST a prompt and wait for its history entry."""
+        pid = self.post("/prompt", {"prompt": api})["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get(f"/history/{pid}")
+            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+                return hist[pid]
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {pid} did not finish in {timeout} s")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def message_types(history: dict) -> list[str]:
+    # status_str can say "success" after a runtime error: the messages tell the truth.
+    return [m[0] for m in history["status"]["messages"]]
