@@ -239,3 +239,20 @@ def test_matches_torchao_on_bf16_normal():
     ao_scales = ao.scale.view(torch.uint8).reshape(q.block_scales.shape)
     assert int((ao_scales != q.block_scales.view(torch.uint8)).sum()) == 0
     assert int((ao_packed != q.packed).sum()) == 0
+
+
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_dequantize_matches_code_table(flush_denormal):
+    x = _student_t((64, 96)).to(torch.bfloat16)
+    x[5, :16] = 0.0
+    x[6, 0] = -0.0
+    q = quantize(x, tile=(16, 16))
+    codes = torch.stack([q.packed & 15, q.packed >> 4], -1).reshape(64, 96).long()
+    expected = E2M1_VALUES[codes] * q.block_scales.float().repeat_interleave(16, -1)
+    torch.set_flush_denormal(flush_denormal)
+    try:
+        got = q.dequantize_unscaled()
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(got, expected) and torch.equal(torch.signbit(got), torch.signbit(expected))
+    assert torch.equal(q.dequantize(torch.float32), (expected * q.tensor_scale))

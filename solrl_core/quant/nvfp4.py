@@ -53,10 +53,17 @@ class NVFP4Tensor:
 
     def dequantize_unscaled(self) -> torch.Tensor:
         """e2m1 * block_scale in fp32 (exact: at most 2+4 significant bits), without the tensor scale."""
-        lut = _BYTE_TO_PAIR.to(self.packed.device)
-        values = torch.index_select(lut, 0, self.packed.reshape(-1).int()).view(*self.shape[:-1], -1, BLOCK)
-        values.mul_(self.block_scales.float().unsqueeze(-1))
-        return values.reshape(self.shape)
+        k = self.shape[-1]
+        packed = self.packed.reshape(-1, k // 2)
+        scales = self.block_scales.reshape(-1, k // BLOCK, 1).float()
+        out = torch.empty(packed.shape[0], k, dtype=torch.float32, device=packed.device)
+        if _denormals_preserved():
+            _decode_scaled(packed, scales, out)
+        else:
+            lut = _BYTE_TO_PAIR.to(packed.device)
+            torch.index_select(lut, 0, packed.reshape(-1).int(), out=out.view(-1, 2))
+            out.view(-1, k // BLOCK, BLOCK).mul_(scales)
+        return out.reshape(self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.dequantize_unscaled().mul_(self.tensor_scale).to(dtype)
@@ -191,3 +198,34 @@ def _e2m1_magnitude_codes(mag: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
     exp.sub_(_F32_ONE_BITS + ((_F32_MANTISSA_BITS - 1) << _F32_MANTISSA_BITS)).bitwise_right_shift_(
         _F32_MANTISSA_BITS - 1)  # 0, 2, 4 for the octaves [0, 2), [2, 4), [4, 6]
     return bits.add_(exp)
+
+
+# Decoding bytes to fp32 bit patterns: code c has its magnitude bits at 0-2 and sign at bit 3; placed at
+# bits 22-24 and 31 they form the fp32 number e2m1(c) * 2^-126 (codes 0 and 1 land on subnormals, exactly
+# like E2M1's own subnormal). One int64 handles both nibbles of a byte (low nibble -> low word).
+_MAG_SHIFT = (1 << 22) + (1 << 50)
+_SIGN_SHIFT = (1 << 28) + (1 << 56)
+_MAG_MASK = 0x01C00000 | (0x01C00000 << 32)
+_SIGN_MASK = (0x80000000 | (0x80000000 << 32)) - (1 << 64)  # as a signed int64
+_HALF_UNBIAS = 2.0**63  # 2^-126 is undone in two exact steps: 448 * 2^126 would overflow fp32
+
+
+def _denormals_preserved() -> bool:
+    """False when torch.set_flush_denormal(True) is in effect (the bit-pattern decoder needs subnormals)."""
+    return (torch.tensor(2.0**-140) * _HALF_UNBIAS).item() != 0.0
+
+
+def _decode_scaled(packed: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+    """out (rows, K) = e2m1(packed) * scales, exact; processed in row chunks to stay in cache."""
+    rows, half = packed.shape
+    words = out.view(torch.int64)  # (rows, K/2): one int64 per byte
+    chunk = max(1, _CHUNK_ELEMENTS // (2 * half))
+    sign = torch.empty(min(chunk, rows), half, dtype=torch.int64, device=packed.device)
+    scales = scales * _HALF_UNBIAS
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)
+        w, s = words[start:stop], sign[: stop - start]
+        w.copy_(packed[start:stop])
+        torch.mul(w, _SIGN_SHIFT, out=s).bitwise_and_(_SIGN_MASK)
+        w.mul_(_MAG_SHIFT).bitwise_and_(_MAG_MASK).bitwise_or_(s)
+        out[start:stop].view(stop - start, -1, BLOCK).mul_(scales[start:stop]).mul_(_HALF_UNBIAS)
