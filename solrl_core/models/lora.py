@@ -234,10 +234,13 @@ def merged_weights(model: nn.Module, name: str = SAMPLING) -> dict[str, Tensor]:
 def make_inference_copy(policy: FlowPolicy, adapter: str = SAMPLING) -> nn.Module:
     """A separate plain transformer: base weights with `adapter` merged; no peft layers, frozen.
 
-    The trained model is not modified. Quantize the copy afterwards if wanted.
+    The trained model is not modified. Quantize the copy afterwards if wanted. A model without
+    adapters (no add_lora yet) gives a plain frozen copy of the base weights.
     """
     model = policy.transformer
     clone = copy.deepcopy(model)
+    if not is_full_finetune(model) and not adapter_names(model):
+        return clone.eval().requires_grad_(False)
     if is_full_finetune(model):
         delattr(clone, _FULL_ATTR)
         weights = merged_weights(model, adapter)
@@ -263,6 +266,8 @@ def refresh_inference_copy(copy_model: nn.Module, policy: FlowPolicy, adapter: s
     A layer of the copy that defines `load_merged_weight(weight)` (e.g. a quantized linear) is given
     the new full-precision weight to re-quantize itself; other layers get `weight.copy_`.
     """
+    if not is_full_finetune(policy.transformer) and not adapter_names(policy.transformer):
+        return copy_model  # nothing trained, nothing to refresh
     weights = merged_weights(policy.transformer, adapter)
     if is_full_finetune(policy.transformer):
         params = dict(copy_model.named_parameters())

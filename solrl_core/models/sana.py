@@ -106,7 +106,7 @@ class SanaPolicy(FlowPolicy):
     # --- quantization support -------------------------------------------------------------
     def prepare_for_quantization(self, module: nn.Module) -> nn.Module:
         """Express the feed-forward 1x1 convolutions as linears so a linear quantizer sees them."""
-        pointwise_convs_to_linears(module)
+        pointwise_convs_to_linears(module, within=".ff.")
         return module
 
 
@@ -127,13 +127,15 @@ class PointwiseLinear(nn.Linear):
         return super().forward(x.movedim(1, -1)).movedim(-1, 1)
 
 
-def pointwise_convs_to_linears(module: nn.Module) -> list[str]:
-    """Replace every ungrouped 1x1 stride-1 Conv2d (SANA's GLUMBConv in/out) in place; returns names."""
+def pointwise_convs_to_linears(module: nn.Module, within: str = "") -> list[str]:
+    """Replace ungrouped 1x1 stride-1 Conv2d layers whose name contains `within` (SANA: ".ff.", the
+    GLUMBConv in/out projections) by equivalent linears, in place; returns the replaced names."""
     replaced = []
     for name, child in list(module.named_modules()):
         for attr, sub in list(child.named_children()):
-            if (isinstance(sub, nn.Conv2d) and sub.kernel_size == (1, 1) and sub.stride == (1, 1)
+            full_name = f"{name}.{attr}" if name else attr
+            if (within in f".{full_name}." and isinstance(sub, nn.Conv2d) and sub.kernel_size == (1, 1) and sub.stride == (1, 1)
                     and sub.groups == 1 and sub.padding in ((0, 0), "valid")):
                 setattr(child, attr, PointwiseLinear.from_conv(sub))
-                replaced.append(f"{name}.{attr}" if name else attr)
+                replaced.append(full_name)
     return replaced
