@@ -248,3 +248,14 @@ def test_sana_complex_human_instruction_is_a_setting(saved):
     a, b = plain.encode([PROMPT]), with_chi.encode([PROMPT])
     assert a.embeds.shape == b.embeds.shape == (1, 16, a.embeds.shape[-1])
     assert not torch.equal(a.embeds, b.embeds)  # the instruction changes the context the prompt is read in
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_declared_quant_and_lora_patterns_name_real_modules(fam, policies):
+    policy = policies[fam]
+    names = [n for n, _ in policy.transformer.named_modules()]
+    for pattern in policy.quant_skip_patterns:
+        assert any(pattern in n for n in names), pattern
+    for target in policy.lora_target_modules:
+        assert any(n == target or n.endswith("." + target) for n in names), target
+    assert policy.quant_min_dim == {"sana": 2240, "flux": 1000, "sd3": 2432}[fam]
