@@ -238,15 +238,19 @@ def make_inference_copy(policy: FlowPolicy, adapter: str = SAMPLING) -> nn.Modul
     adapters (no add_lora yet) gives a plain frozen copy of the base weights.
     """
     model = policy.transformer
-    clone = copy.deepcopy(model)
-    if not is_full_finetune(model) and not adapter_names(model):
-        return clone.eval().requires_grad_(False)
     if is_full_finetune(model):
-        delattr(clone, _FULL_ATTR)
+        copies = model.__dict__.pop(_FULL_ATTR)  # don't deep-copy the old/base parameter copies
+        try:
+            clone = copy.deepcopy(model)
+        finally:
+            setattr(model, _FULL_ATTR, copies)
         weights = merged_weights(model, adapter)
         for n, p in clone.named_parameters():
             p.copy_(weights[n])
+    elif not adapter_names(model):
+        clone = copy.deepcopy(model)
     else:
+        clone = copy.deepcopy(model)
         weights = merged_weights(model, adapter)
         for module_name, layer in list(lora_layers(clone)):
             base = layer.get_base_layer()
