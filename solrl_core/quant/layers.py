@@ -99,7 +99,8 @@ class NVFP4Linear(QuantizedLayer):
         self.register_buffer("weight_scale", q.block_scales)
         self.register_buffer("weight_scale_2", q.tensor_scale.reshape(()))
         self.register_buffer("weight_amax", q.amax.reshape(()))
-        self._weight_unscaled = q.dequantize_unscaled() if self.cache_dequantized else None
+        cached = q.dequantize_unscaled() if self.cache_dequantized else None
+        self.register_buffer("_weight_unscaled", cached, persistent=False)  # moves with .to(), not saved
 
     def nvfp4_weight(self) -> NVFP4Tensor:
         return NVFP4Tensor(self.weight, self.weight_scale, self.weight_scale_2, self.weight_amax, self.tile)
