@@ -143,3 +143,22 @@ def test_sample_rejects_mismatched_conditioning_and_unknown_solver(flow):
         sample(policy, flow, cond, [1, 2], 2)
     with pytest.raises(ValueError, match="unknown solver 'heun'"):
         sample(policy, flow, cond.index([0]), [1, 2], 2, solver="heun")
+
+
+@pytest.mark.parametrize("steps", [4, 9])
+def test_dpm2_matches_diffusers_dpmsolver_plus_plus_2m(flow, steps):
+    """Independent oracle: diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, flow
+    prediction, first-order final step) on the same sigmas gives the same trajectory."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                            algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
+                                            final_sigmas_type="zero")
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.float()
+    z = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    x = z.clone()
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.step(flow(x, sigmas[i].expand(4)), t, x, return_dict=False)[0]
+    ours = dpm2(lambda xt, sigma: flow(xt, sigma.expand(xt.shape[0])), z, sigmas)
+    assert (ours - x).abs().max().item() < 2e-6
