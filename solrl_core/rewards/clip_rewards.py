@@ -28,9 +28,10 @@ class _ClipReward(Reward):
         """`model`/`processor`: an already built CLIPModel / CLIPProcessor (then no folder is needed)."""
         super().__init__(*args, **kwargs)
         self._model, self._processor = model, processor
+        self._given = model is not None
 
     def required_files(self) -> list[RequiredFile]:
-        if self._model is not None:
+        if self._given:
             return []
         return [find_required(self.name, self.folder_names, self.name, self.source, is_dir=True,
                               path=self.path, search_dirs=self.search_dirs)]

@@ -26,9 +26,10 @@ class HPSv2Reward(Reward):
         super().__init__(*args, **kwargs)
         self.arch = arch
         self._model, self._preprocess, self._tokenizer = model, preprocess, tokenizer
+        self._given = model is not None
 
     def required_files(self) -> list[RequiredFile]:
-        if self._model is not None:
+        if self._given:
             return []
         return [find_required(self.name, HPS_FILES, "hpsv2",
                               "download HPS_v2.1_compressed.pt from the Hugging Face repo xswu/HPSv2",

@@ -102,7 +102,8 @@ def build_blip(arch: ImageRewardArch) -> tuple[nn.Module, nn.Module]:
         vocab_size=arch.vocab_size, hidden_size=arch.text_width, encoder_hidden_size=arch.vision_width,
         intermediate_size=arch.text_intermediate, num_hidden_layers=arch.text_layers,
         num_attention_heads=arch.text_heads, max_position_embeddings=arch.max_positions,
-        hidden_act="gelu", layer_norm_eps=1e-12, is_decoder=True), add_pooling_layer=False)
+        hidden_act="gelu", layer_norm_eps=1e-12, is_decoder=True,
+        pad_token_id=0, bos_token_id=None, eos_token_id=None, sep_token_id=None), add_pooling_layer=False)
     return vision, text
 
 
