@@ -280,3 +280,19 @@ def test_dequantize_matches_code_table(flush_denormal):
         torch.set_flush_denormal(False)
     assert torch.equal(got, expected) and torch.equal(torch.signbit(got), torch.signbit(expected))
     assert torch.equal(q.dequantize(torch.float32), (expected * q.tensor_scale))
+
+
+@pytest.mark.parametrize("magnitude", [1e-40, 1e-30, 1e-3, 1e4, 3e38])
+def test_extreme_magnitudes_match_oracle(magnitude):
+    # Subnormal amax makes 2688 / amax overflow to the FLT_MAX clamp; huge amax drives S_enc to ~1e-35.
+    x = (_student_t((16, 64)) / 40).clamp(-1, 1) * magnitude
+    q = quantize(x)
+    assert _bytes(q) == oracle(x, (1, 16))[:2]
+
+
+@pytest.mark.parametrize("tile", [(1, 16), (16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bit_exact_against_oracle_larger(dtype, tile):
+    x = torch.cat([_student_t((128, 256), df=1.5), torch.randn(128, 256) * 1e-3]).clamp(-6e4, 6e4).to(dtype)
+    q = quantize(x, tile=tile)
+    assert _bytes(q) == oracle(x, tile)[:2]
