@@ -55,3 +55,17 @@ def test_sana_pointwise_convs_become_equivalent_linears(tmp_path):
     assert len(linears) == 2 * len(copy.transformer_blocks)  # GLUMBConv in and out 1x1 convs per block
     assert all(".ff." in n for n in linears)
     assert (policy.velocity(copy, x, sigma, cond) - before).abs().max().item() < 1e-5
+
+
+def test_settings_file_next_to_model_index_configures_the_adapter(tmp_path):
+    import json
+
+    folder = save_pipeline(build_sana(seed=7, with_vae=True, sample_size=8), tmp_path / "sana")
+    assert load_policy(str(folder)).complex_human_instruction  # a SANA with a VAE: instruction on by default
+    (folder / loading.SETTINGS_FILE).write_text(json.dumps(
+        {"complex_human_instruction": False, "max_sequence_length": 8, "resolution": [32, 48]}))
+    policy = load_policy(str(folder))
+    assert policy.complex_human_instruction == () and policy.max_sequence_length == 8
+    assert policy.resolution == (32, 48) and policy.latent_shape() == (4, 16, 24)
+    assert policy.encode(["a red circle"]).embeds.shape[1] == 8
+    assert load_policy(str(folder), max_sequence_length=12).max_sequence_length == 12  # kwargs win
