@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import io
+import random
 
 import pytest
 import torch
 from PIL import Image
 
+from solrl_core import scenes
 from solrl_core.rewards import (
     REWARDS,
     Reward,
@@ -137,9 +139,6 @@ def test_weighted_reward_from_spec_checks_every_component(tmp_path, monkeypatch)
         w.check_files()
     ok = load_weighted_reward("shapes:1,jpeg_compressibility:0.1")
     ok.check_files()
-    from solrl_core import scenes
-    import random
-
     prompt, scene = scenes.sample_scene(random.Random(0), "single")
     img = scenes.render(scene)
     total, comps = ok.score([img], [prompt])
