@@ -128,6 +128,8 @@ def test_sample_is_batch_invariant_and_reports_progress(flow):
                               progress=lambda done, total: calls.append((done, total)))
     alone = sample(policy, flow, cond, [seeds[5]], 6, solver="dpm2")
     assert torch.equal(full[5:6], alone)
+    as_tensor = sample(policy, flow, cond, torch.tensor([seeds[5]]), 6, solver="dpm2")  # integer tensor = seeds
+    assert torch.equal(as_tensor, alone)
     assert calls == [(i, 18) for i in range(1, 19)]  # 6 steps x 3 micro-batches
     assert trajectory.shape == (7, 10, 2, 4, 4)
     assert torch.equal(trajectory[0], policy.initial_noise(seeds)) and torch.equal(trajectory[-1], full)

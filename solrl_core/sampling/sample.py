@@ -19,8 +19,8 @@ def sample(policy: FlowPolicy, model: nn.Module, cond: Conditioning, seeds_or_no
            width: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Integrate the flow ODE from noise (sigma = 1) to clean latents (sigma = 0).
 
-    seeds_or_noise: integer seeds (noise from `policy.initial_noise`, one generator per seed) or a
-        noise tensor [B, C, h, w].
+    seeds_or_noise: integer seeds, as a list or an integer tensor (noise from `policy.initial_noise`,
+        one generator per seed), or a float noise tensor [B, C, h, w].
     cond: one row per sample, or a single row shared by all samples.
     solver: "euler" or "dpm2"; default the family's (`policy.default_solver`).
     sigmas: a custom schedule (steps + 1 values ending at 0); default `policy.sigmas(steps, h, w)`.
@@ -32,8 +32,10 @@ def sample(policy: FlowPolicy, model: nn.Module, cond: Conditioning, seeds_or_no
     Returns x0 latents [B, C, h, w] (float32); with return_trajectory, also the states at every
     sigma, [steps + 1, B, C, h, w] (trajectory[0] is the noise, trajectory[-1] the result).
     """
-    if isinstance(seeds_or_noise, Tensor):
+    if isinstance(seeds_or_noise, Tensor) and seeds_or_noise.is_floating_point():
         noise = seeds_or_noise.to(policy.device, torch.float32)
+    elif isinstance(seeds_or_noise, Tensor):  # an integer tensor holds seeds
+        noise = policy.initial_noise(seeds_or_noise.flatten().tolist(), height, width)
     else:
         noise = policy.initial_noise(list(seeds_or_noise), height, width)
     n = noise.shape[0]
