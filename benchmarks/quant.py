@@ -110,7 +110,8 @@ def main() -> None:
         "",
         f"`python benchmarks/quant.py{' --quick' if args.quick else ''}`: torch {torch.__version__}, "
         f"{args.threads} thread(s), median of {args.repeats} interleaved repeats. "
-        f"Weight {n}x{k}, activation {m}x{k}. Speed ratio > 1 means faster than the baseline row.",
+        f"Weight {n}x{k}, activation {m}x{k}. Speed ratio > 1 means faster than the baseline row; "
+        f"absolute times move with machine load, the interleaved ratios are the result.",
         "",
         "| what | median ms | vs baseline | note |",
         "|---|---:|---:|---|",
