@@ -84,7 +84,7 @@ def node_class(spec: OpSpec) -> type:
     if spec.validate is not None:
         def VALIDATE_INPUTS(cls, **kw: Any) -> bool | str:  # noqa: N802 (ComfyUI's name)
             try:
-                spec.validate({k: v for k, v in kw.items() if k not in hidden})
+                spec.validate({k: v for k, v in kw.items() if k not in hidden}, {})
             except (ValueError, FileNotFoundError) as e:
                 return str(e)
             return True

@@ -8,7 +8,7 @@ from .spec import OpSpec
 _OPS: dict[str, OpSpec] = {}
 
 # Op modules, imported on first use so `import solrl_core` stays light.
-_OP_MODULES = ("flow", "utility")
+_OP_MODULES = ("flow", "utility", "training", "outputs")
 _loaded = False
 
 

@@ -90,10 +90,12 @@ class OpSpec:
     output_node: bool = False  # a sink: it is run even when nothing consumes it
     always_run: bool = False  # never served from a cache (training steps, file writers)
     expands: bool = False  # receives the live graph (`graph`, `node_id`) to return an expansion
-    trains: bool = False  # runs autograd: hosts that default to inference mode must lift it
-    # Cross-input checks (e.g. K <= N) run at validation, before any compute. Gets the literal
-    # inputs (links are absent) and raises InputError naming the input.
-    validate: Callable[[dict[str, Any]], None] | None = None
+    # Creates or trains weights: hosts that run nodes in inference mode (ComfyUI) must lift it.
+    trains: bool = False
+    # Checks run at validation, before any compute: validate(literals, linked) gets this node's
+    # literal inputs and, per linked input, the source node's literals plus its "class_type"
+    # (empty inside ComfyUI, which validates node by node). Raises InputError naming the input.
+    validate: Callable[[dict[str, Any], dict[str, dict[str, Any]]], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def input(self, name: str) -> Input | None:

@@ -1,0 +1,252 @@
+"""A training run's live state, and its save / resume.
+
+Everything needed to continue lives in the run directory (adapters default / old / EMA, optimizer,
+iteration, prompt cursor, metrics); every random draw of an iteration comes from generators
+seeded by (run seed, iteration, purpose), so a resumed run repeats exactly what an uninterrupted
+one would have done. Nodes pass the session object itself (a handle), never copies of it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..graph.rundir import atomic_write_text
+from ..models import (
+    FlowPolicy,
+    adapter_state,
+    add_lora,
+    load_adapter_state,
+    make_inference_copy,
+    refresh_inference_copy,
+)
+from ..quant import DEFAULT_SKIP, QuantConfig, quantize_model, requantize_model
+from .checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
+from .prompts import PromptCursor
+
+log = logging.getLogger("solrl")
+
+TRAINED, SAMPLING, EMA = "default", "old", "ema"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """What must stay the same for a run to be resumed (checked on resume)."""
+
+    seed: int = 0
+    total_iterations: int = 100
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
+    full_finetune: bool = False
+
+
+@dataclass
+class InferenceCopies:
+    """The sampling policy merged into plain copies: full precision and low precision."""
+
+    regenerator: nn.Module
+    explorer: nn.Module | None = None
+    backend: str = "none"
+    backend_reason: str = ""
+    quant_report: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingSession:
+    def __init__(self, run_dir: Path, policy: FlowPolicy, prompts: list[str], config: SessionConfig,
+                 resume: bool = True):
+        self.run_dir = Path(run_dir)
+        self.policy = policy
+        self.prompts = prompts
+        self.config = config
+        self.iteration = 0
+        self.cursor = PromptCursor()
+        self.metrics: list[dict[str, Any]] = []
+        self.ema: dict[str, Tensor] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer_settings: dict[str, Any] | None = None
+        self.copies: InferenceCopies | None = None
+        self.copies_iteration = -1
+        self.pending: dict[str, Any] = {}
+        self.pending_cursor: PromptCursor | None = None
+        self._prepare_model()
+        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        else:
+            self._fresh()
+
+    # --- set-up ---------------------------------------------------------------------------
+    def _prepare_model(self) -> None:
+        model = self.policy.transformer
+        init = getattr(model, "_solrl_initial_adapters", None)
+        if init is None:
+            # LoRA init is random: seed it so a run is reproducible from its seed alone.
+            torch.manual_seed(self.config.seed)
+            add_lora(self.policy, rank=self.config.lora_rank, alpha=self.config.lora_alpha,
+                     full_finetune=self.config.full_finetune)
+            model._solrl_initial_adapters = (self.config, adapter_state(model, TRAINED))
+        elif init[0].lora_rank != self.config.lora_rank or init[0].full_finetune != self.config.full_finetune:
+            raise ValueError("this policy already carries adapters of another shape; load the policy again "
+                             "for a run with a different LoRA rank or fine-tuning mode")
+
+    def _fresh(self) -> None:
+        initial = self.policy.transformer._solrl_initial_adapters[1]
+        for name in (TRAINED, SAMPLING):
+            load_adapter_state(self.policy.transformer, name, initial)
+        self.ema = {k: v.clone() for k, v in initial.items()}
+        shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)  # "new" replaces an old run
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "session.json", json.dumps(asdict(self.config), indent=1) + "\n")
+        metrics = self.run_dir / METRICS_FILE
+        if metrics.exists():  # a new run in an old directory starts its metrics afresh
+            atomic_write_text(metrics, "")
+
+    def _restore(self, path: Path) -> None:
+        tensors, optimizer, meta = load_checkpoint(path)
+        saved = SessionConfig(**meta["config"])
+        if saved != self.config:
+            diff = {k: (getattr(saved, k), getattr(self.config, k)) for k in asdict(saved)
+                    if getattr(saved, k) != getattr(self.config, k)}
+            raise ValueError(f"run directory {self.run_dir} holds a run with other settings {diff} "
+                             "(saved, given); choose mode 'new' or another run name")
+        model = self.policy.transformer
+        for name in (TRAINED, SAMPLING):
+            load_adapter_state(model, name, _strip(tensors, name))
+        self.ema = _strip(tensors, EMA)
+        self.iteration = meta["iteration"]
+        self.cursor = PromptCursor(**meta["cursor"])
+        self.metrics = meta["metrics"]
+        self.optimizer_settings = meta.get("optimizer_settings")
+        if optimizer is not None and self.optimizer_settings is not None:
+            self.make_optimizer(self.optimizer_settings).load_state_dict(optimizer)
+        # metrics.jsonl may hold rows of an iteration that never reached its checkpoint.
+        atomic_write_text(self.run_dir / METRICS_FILE,
+                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.metrics))
+        log.info("resumed %s at iteration %d", self.run_dir, self.iteration)
+
+    # --- randomness -----------------------------------------------------------------------
+    def seed_for(self, purpose: str) -> int:
+        digest = hashlib.sha256(f"{self.config.seed}/{self.iteration}/{purpose}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
+
+    def generator(self, purpose: str) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed_for(purpose))
+
+    # --- per-iteration inputs -----------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.iteration >= self.config.total_iterations
+
+    def next_prompts(self, count: int) -> list[str]:
+        prompts, self.pending_cursor = self.cursor.take(self.prompts, count, self.config.seed)
+        return prompts
+
+    def draw_seeds(self, prompts: int, per_prompt: int) -> Tensor:
+        """[P, N] sample seeds for this iteration; each seed alone fixes its initial noise."""
+        return torch.randint(0, 2**31 - 1, (prompts, per_prompt), generator=self.generator("seeds"))
+
+    # --- inference copies (Requantize) --------------------------------------------------------
+    def refresh_copies(self, backend: str, min_dim: int | None = None, weight_tile: tuple[int, int] = (16, 16),
+                       cache_dequantized: bool = True) -> InferenceCopies:
+        """Merge the sampling adapter into the full-precision and low-precision copies."""
+        start = time.perf_counter()
+        if self.copies is None:
+            regen = make_inference_copy(self.policy, SAMPLING)
+            explorer, choice_name, reason, report = None, "none", "full precision only", {}
+            if backend != "none":
+                explorer = make_inference_copy(self.policy, SAMPLING)
+                skip = DEFAULT_SKIP + tuple(f"*{p}*" for p in self.policy.quant_skip_patterns)
+                qc = QuantConfig(skip=skip, min_dim=self.policy.quant_min_dim if min_dim is None else min_dim,
+                                 weight_tile=weight_tile, cache_dequantized=cache_dequantized)
+                rep = quantize_model(explorer, qc, backend=backend)
+                choice_name, reason, report = rep.backend, rep.backend_reason, rep.to_dict()
+                atomic_write_text(self.run_dir / "quant_report.json", json.dumps(report, indent=1) + "\n")
+                log.info("explorer: %s", rep.summary())
+            self.copies = InferenceCopies(regen, explorer, choice_name, reason, report)
+        elif self.copies_iteration != self.iteration:
+            refresh_inference_copy(self.copies.regenerator, self.policy, SAMPLING)
+            if self.copies.explorer is not None:
+                requantize_model(self.copies.explorer, self.copies.regenerator)
+        self.copies_iteration = self.iteration
+        self.pending["time_requantize"] = time.perf_counter() - start
+        self.pending["quant_backend"] = self.copies.backend
+        return self.copies
+
+    def inference_model(self, precision: str) -> nn.Module:
+        if self.copies is None or self.copies_iteration != self.iteration:
+            raise RuntimeError("the inference copies are stale: run Requantize at the start of each iteration")
+        if precision == "low":
+            if self.copies.explorer is None:
+                raise RuntimeError("Requantize ran with backend 'none': there is no low-precision explorer")
+            return self.copies.explorer
+        return self.copies.regenerator
+
+    # --- optimizer ------------------------------------------------------------------------
+    def make_optimizer(self, settings: dict[str, Any]) -> torch.optim.Optimizer:
+        from ..models.lora import trainable_parameters
+
+        params = trainable_parameters(self.policy.transformer, TRAINED)
+        self.optimizer = torch.optim.AdamW(params, lr=settings["lr"], betas=tuple(settings["betas"]),
+                                           weight_decay=settings["weight_decay"], eps=settings["eps"])
+        self.optimizer_settings = dict(settings)
+        return self.optimizer
+
+    def get_optimizer(self, settings: dict[str, Any]) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            return self.make_optimizer(settings)
+        for group in self.optimizer.param_groups:  # hyper-parameters edited between queues apply
+            group["lr"], group["weight_decay"] = settings["lr"], settings["weight_decay"]
+            group["betas"], group["eps"] = tuple(settings["betas"]), settings["eps"]
+        self.optimizer_settings = dict(settings)
+        return self.optimizer
+
+    # --- end of iteration -----------------------------------------------------------------
+    def commit(self, row: dict[str, Any]) -> None:
+        """Finish the iteration: advance counters, checkpoint atomically, append the metrics row."""
+        row = {"iteration": self.iteration, **self.pending, **row}
+        self.iteration += 1
+        if self.pending_cursor is not None:
+            self.cursor = self.pending_cursor
+        self.pending_cursor = None
+        self.pending = {}
+        self.metrics.append(row)
+        model = self.policy.transformer
+        tensors = {f"{TRAINED}.{k}": v for k, v in adapter_state(model, TRAINED).items()}
+        tensors.update({f"{SAMPLING}.{k}": v for k, v in adapter_state(model, SAMPLING).items()})
+        tensors.update({f"{EMA}.{k}": v for k, v in self.ema.items()})
+        meta = {"config": asdict(self.config), "iteration": self.iteration, "cursor": asdict(self.cursor),
+                "metrics": self.metrics, "optimizer_settings": self.optimizer_settings}
+        save_checkpoint(self.run_dir, self.iteration, tensors,
+                        self.optimizer.state_dict() if self.optimizer is not None else None, meta)
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def _strip(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+_SESSIONS: dict[str, TrainingSession] = {}
+
+
+def open_session(run_dir: Path, policy: FlowPolicy, prompts: list[str], config: SessionConfig,
+                 mode: str = "continue") -> TrainingSession:
+    """The session of a run directory: reused in-process when nothing changed (ComfyUI re-queue),
+    else resumed from its latest checkpoint ("continue") or started afresh ("new")."""
+    key = str(Path(run_dir).resolve())
+    live = _SESSIONS.get(key)
+    if (mode == "continue" and live is not None and live.policy is policy and live.config == config
+            and live.prompts == prompts):
+        return live
+    session = TrainingSession(run_dir, policy, prompts, config, resume=(mode == "continue"))
+    _SESSIONS[key] = session
+    return session
