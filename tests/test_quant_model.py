@@ -164,3 +164,33 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
             assert torch.equal(getattr(layer, attr), getattr(src, attr))
         assert torch.equal(layer.weight_scale.view(torch.uint8), src.weight_scale.view(torch.uint8))
     assert torch.equal(_run(other, inputs), out)
+
+
+class _ChannelsFirstLinear(torch.nn.Linear):
+    """Like a 1x1 conv written as a linear: applied over dim 1 of (B, C, H, W)."""
+
+    def forward(self, x):
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+def test_linear_subclasses_with_own_forward():
+    flagged, plain = _ChannelsFirstLinear(32, 48), _ChannelsFirstLinear(32, 48)
+    flagged.channels_first = True
+    model = torch.nn.ModuleDict({"flagged": flagged, "plain": plain})
+    x = torch.randn(2, 32, 4, 4)
+    ref = flagged(x)
+    report = quantize_model(model, QuantConfig(min_dim=0))
+    assert [r.name for r in report.quantized] == ["flagged"]
+    assert "overrides nn.Linear.forward" in report.skipped["plain"]
+    out = model["flagged"](x)
+    assert out.shape == ref.shape and ((out - ref).norm() / ref.norm()).item() < 0.25
+
+
+def test_load_merged_weight_hook_matches_refresh():
+    lin = torch.nn.Linear(64, 32)
+    a = NVFP4Linear(lin.weight, lin.bias, "a")
+    b = NVFP4Linear(lin.weight, lin.bias, "b")
+    new_weight = torch.randn(32, 64)
+    a.load_merged_weight(new_weight)
+    b.refresh(new_weight, lin.bias)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, lin.bias.detach())

@@ -32,6 +32,13 @@ class QuantizedLayer(nn.Module):
     def refresh(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         raise NotImplementedError
 
+    def current_bias(self) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def load_merged_weight(self, weight: torch.Tensor) -> None:
+        """Re-quantize from a new full-precision weight, keeping the bias (the LoRA-merge refresh hook)."""
+        self.refresh(weight, self.current_bias())
+
     def dequantized_weight(self) -> torch.Tensor:
         """The weight this layer effectively multiplies by, fp32 (out, in)."""
         raise NotImplementedError
@@ -88,6 +95,9 @@ class NVFP4Linear(QuantizedLayer):
         q = quantize(as_matrix(weight), self.tile, name=self.name)
         self.set_quantized_weight(q)
         self._store_bias(bias)
+
+    def current_bias(self) -> torch.Tensor | None:
+        return self.bias
 
     def set_quantized_weight(self, q: NVFP4Tensor) -> None:
         """Install an already-quantized weight (requantize and checkpoint loading use this)."""
@@ -148,6 +158,9 @@ class Int8DynamicLinear(QuantizedLayer):
         self._bias = None if bias is None else bias.detach().float().clone()
         self._packed = torch.ops.quantized.linear_prepack(self._qweight, self._bias)
 
+    def current_bias(self) -> torch.Tensor | None:
+        return self._bias
+
     def dequantized_weight(self) -> torch.Tensor:
         return self._qweight.dequantize()
 
@@ -192,6 +205,9 @@ class TELinear(QuantizedLayer):
             if bias is not None:
                 self.inner.bias.copy_(bias.detach())
 
+    def current_bias(self) -> torch.Tensor | None:
+        return getattr(self.inner, "bias", None)
+
     def dequantized_weight(self) -> torch.Tensor:
         w = self.inner.weight.detach()
         if self.backend == "te_nvfp4":
@@ -210,9 +226,9 @@ class TELinear(QuantizedLayer):
 
 
 def make_quantized_layer(backend: str, module: nn.Module, name: str, tile: tuple[int, int],
-                         cache_dequantized: bool) -> QuantizedLayer:
-    """Build the `backend` replacement for an nn.Linear or a 1x1 nn.Conv2d."""
-    pointwise = isinstance(module, nn.Conv2d)
+                         cache_dequantized: bool, channels_first: bool | None = None) -> QuantizedLayer:
+    """Build the `backend` replacement for an nn.Linear or a 1x1 nn.Conv2d (channels_first: input B,C,H,W)."""
+    pointwise = isinstance(module, nn.Conv2d) if channels_first is None else channels_first
     if backend == "emulated":
         return NVFP4Linear(module.weight, module.bias, name, tile, cache_dequantized, pointwise)
     if backend == "cpu_int8":

@@ -91,10 +91,15 @@ def _candidate(module: nn.Module, config: QuantConfig) -> bool:
     if isinstance(module, QuantizedLayer):
         return False
     if isinstance(module, nn.Linear):
-        return True
+        return True  # subclasses with their own forward are screened in skip_reason
     return (config.pointwise_convs and isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
             and module.groups == 1 and module.stride == (1, 1) and module.padding in ((0, 0), "valid")
             and module.dilation == (1, 1))
+
+
+def _channels_first(module: nn.Module) -> bool:
+    """1x1 Conv2d, or an nn.Linear subclass declaring `channels_first = True` (applied over dim 1 of B,C,H,W)."""
+    return isinstance(module, nn.Conv2d) or bool(getattr(module, "channels_first", False))
 
 
 def skip_reason(name: str, module: nn.Module, config: QuantConfig) -> str | None:
@@ -103,6 +108,9 @@ def skip_reason(name: str, module: nn.Module, config: QuantConfig) -> str | None
         return None
     if _matches(name, config.skip):
         return "matches a skip pattern"
+    if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward \
+            and not _channels_first(module):
+        return f"{type(module).__name__} overrides nn.Linear.forward (set channels_first = True if it is a 1x1 conv)"
     w = as_matrix(module.weight)
     if max(w.shape) <= config.min_dim:
         return f"max(in, out) = {max(w.shape)} <= min_dim {config.min_dim}"
@@ -139,7 +147,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, backend:
         if reason is not None:
             report.skipped[name] = reason
             continue
-        layer = make_quantized_layer(choice.name, module, name, config.weight_tile, config.cache_dequantized)
+        layer = make_quantized_layer(choice.name, module, name, config.weight_tile, config.cache_dequantized,
+                                     channels_first=_channels_first(module))
         weight = as_matrix(module.weight)
         report.quantized.append(LayerReport(
             name, layer.in_features, layer.out_features,
