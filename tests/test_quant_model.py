@@ -97,6 +97,8 @@ def test_min_dim_skip_and_include_rules():
 def test_backend_none_and_cpu_int8():
     model, inputs = _sd3()
     ref = _run(model, inputs)
+    auto = quantize_model(copy.deepcopy(model), QuantConfig(min_dim=16), backend="auto")
+    assert auto.backend == "emulated" and "cpu" in auto.backend_reason and auto.quantized
     report = quantize_model(copy.deepcopy(model), QuantConfig(min_dim=16), backend="none")
     assert report.backend == "none" and not report.quantized and report.skipped
     qmodel = copy.deepcopy(model)
