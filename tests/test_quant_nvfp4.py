@@ -296,3 +296,12 @@ def test_bit_exact_against_oracle_larger(dtype, tile):
     x = torch.cat([_student_t((128, 256), df=1.5), torch.randn(128, 256) * 1e-3]).clamp(-6e4, 6e4).to(dtype)
     q = quantize(x, tile=tile)
     assert _bytes(q) == oracle(x, tile)[:2]
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (17, 48), (3, 4112), (2, 1, 272)])
+def test_odd_shapes_match_oracle(shape):
+    x = _student_t((math.prod(shape[:-1]), shape[-1])).reshape(shape)
+    q = quantize(x)
+    packed, scales, _ = oracle(x, (1, 16))
+    assert _bytes(q) == (packed, scales)
+    assert q.dequantize().shape == x.shape
