@@ -48,7 +48,7 @@ def make_tiny_hps(root: Path, seed: int = 0):
 
 
 # ---------------------------------------------------------------- CLIP folders (PickScore, CLIPScore)
-def _clip_tokenizer():
+def tiny_clip_tokenizer():
     from transformers import CLIPTokenizer
 
     specials = ["<|startoftext|>", "<|endoftext|>"]
@@ -61,7 +61,7 @@ def make_tiny_clip_folder(folder: Path, seed: int = 0):
     """A CLIPModel + CLIPProcessor folder (config.json, weights, processor, tokenizer). Returns the model."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    tok = _clip_tokenizer()
+    tok = tiny_clip_tokenizer()
     cfg = CLIPConfig(
         text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "max_position_embeddings": 77,

@@ -120,9 +120,19 @@ def build_head(state: dict[str, torch.Tensor]) -> nn.Sequential:
     return mlp
 
 
+@dataclass
+class ImageRewardModel:
+    """The three parts of ImageReward and the image size its ViT was trained at."""
+
+    vision: nn.Module
+    text: nn.Module
+    head: nn.Sequential
+    image_size: int
+
+
 def load_imagereward(state: dict[str, torch.Tensor], vision_heads: int | None = None,
-                     text_heads: int | None = None) -> tuple[nn.Module, nn.Module, nn.Sequential, ImageRewardArch]:
-    """(vision, text, head, arch) with every tensor of the three modules taken from the checkpoint."""
+                     text_heads: int | None = None) -> ImageRewardModel:
+    """The model with every tensor of its three parts taken from an official-layout state dict."""
     arch = ImageRewardArch.from_state(state, vision_heads, text_heads)
     vision, text = build_blip(arch)
     vis_sd = {vision_key(k): v for k, v in _sub(state, "blip.visual_encoder.").items()}
@@ -132,18 +142,24 @@ def load_imagereward(state: dict[str, torch.Tensor], vision_heads: int | None = 
         if missing or unexpected:
             raise ValueError(f"ImageReward checkpoint: {what} does not match the BLIP layout "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return vision, text, build_head(state), arch
+    return ImageRewardModel(vision, text, build_head(state), arch.image_size)
 
 
 class ImageRewardScorer(Reward):
     name = "imagereward"
 
-    def __init__(self, *args, vision_heads: int | None = None, text_heads: int | None = None, **kwargs):
-        """`vision_heads`/`text_heads`: attention heads when not 64 dims each (tiny test models)."""
+    def __init__(self, *args, vision_heads: int | None = None, text_heads: int | None = None,
+                 model: ImageRewardModel | None = None, tokenizer=None, **kwargs):
+        """`vision_heads`/`text_heads`: attention heads when not 64 dims each (tiny test models).
+        `model`/`tokenizer`: already built parts (then no file is needed)."""
         super().__init__(*args, **kwargs)
         self.vision_heads, self.text_heads = vision_heads, text_heads
+        self._model, self._tokenizer = model, tokenizer
+        self._given = model is not None and tokenizer is not None
 
     def required_files(self) -> list[RequiredFile]:
+        if self._given:
+            return []
         ckpt = find_required(self.name, ("ImageReward.pt",), "imagereward",
                              "download ImageReward.pt from the Hugging Face repo THUDM/ImageReward",
                              path=self.path, search_dirs=self.search_dirs)
@@ -157,30 +173,33 @@ class ImageRewardScorer(Reward):
     def _load(self) -> None:
         from transformers import BertTokenizer
 
-        ckpt, vocab = (f.found for f in self.required_files())
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                state = state[key]
-        vision, text, head, arch = load_imagereward(state, self.vision_heads, self.text_heads)
-        self.vision, self.text, self.head = (m.to(self.device, self.dtype).eval() for m in (vision, text, head))
-        self.tokenizer = BertTokenizer(vocab)
+        if not self._given:
+            ckpt, vocab = (f.found for f in self.required_files())
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            for key in ("state_dict", "model"):
+                if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                    state = state[key]
+            self._model = load_imagereward(state, self.vision_heads, self.text_heads)
+            self._tokenizer = BertTokenizer(vocab)
+        m = self._model
+        m.vision, m.text, m.head = (x.to(self.device, self.dtype).eval() for x in (m.vision, m.text, m.head))
         self.preprocess = transforms.Compose([
-            transforms.Resize(arch.image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(arch.image_size),
+            transforms.Resize(m.image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(m.image_size),
             transforms.ToTensor(),
             transforms.Normalize(CLIP_MEAN, CLIP_STD),
         ])
 
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        m = self._model
         pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_PROMPT_TOKENS,
-                             return_tensors="pt")
-        image_embeds = self.vision(pixel_values=pixels).last_hidden_state
+        tok = self._tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_PROMPT_TOKENS,
+                              return_tensors="pt")
+        image_embeds = m.vision(pixel_values=pixels).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
-        hidden = self.text(input_ids=tok["input_ids"].to(self.device),
-                           attention_mask=tok["attention_mask"].to(self.device),
-                           encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
-                           is_decoder=False).last_hidden_state
-        raw = self.head(hidden[:, 0].to(self.dtype)).float().squeeze(-1)
+        hidden = m.text(input_ids=tok["input_ids"].to(self.device),
+                        attention_mask=tok["attention_mask"].to(self.device),
+                        encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
+                        is_decoder=False).last_hidden_state
+        raw = m.head(hidden[:, 0].to(self.dtype)).float().squeeze(-1)
         return (raw - SCORE_MEAN) / SCORE_STD
