@@ -188,3 +188,14 @@ def test_pil_and_tensor_inputs_agree_for_uint8_images(tiny_hps, images):
     pil = [Image.fromarray((np.random.default_rng(i).random((32, 32, 3)) * 255).astype(np.uint8)) for i in range(2)]
     as_tensor = torch.stack([torch.from_numpy(np.asarray(p, dtype=np.float32) / 255).permute(2, 0, 1) for p in pil])
     assert torch.equal(reward(pil, PROMPTS[:2]), reward(as_tensor, PROMPTS[:2]))
+
+
+def test_bf16_models_score_close_to_fp32_and_return_float32(tiny_hps, tiny_ir, models_dir, images):
+    arch, path, _, _ = tiny_hps
+    for name, kw in (("hpsv2", {"path": str(path), "arch": arch}),
+                     ("imagereward", {"search_dirs": [str(models_dir)], "vision_heads": 2, "text_heads": 2})):
+        full = load_reward(name, **kw)(images, PROMPTS)
+        half = load_reward(name, dtype=torch.bfloat16, **kw)(images, PROMPTS)
+        assert half.dtype == torch.float32
+        scale = full.abs().max()
+        assert (half - full).abs().max() < 0.1 * scale, name
