@@ -71,29 +71,25 @@ def membership(rgb: np.ndarray, color: str) -> np.ndarray:
     return np.clip((rgb - bg) @ axis / float(axis @ axis), 0.0, 1.0)
 
 
-def shape_features(weights: np.ndarray, mass: float | None = None) -> tuple[float, float, float]:
-    """(fill of the bounding box, top/bottom width ratio, corner fill) of an object's membership
-    `weights` cropped to its box (`mass`: total membership, including any blur spilled past the box).
+def shape_features(weights: np.ndarray, mass: float | None = None) -> tuple[float, float]:
+    """(fill of the bounding box, top/bottom width ratio) of an object's membership `weights` cropped to
+    its box (`mass`: total membership, including any blur spilled past the box).
 
-    Circle: fill ~0.79, widths ~1, corners mostly empty. Square: fill ~1, corners full.
-    Triangle (apex up, as scenes draws it): fill ~0.5, top much narrower than bottom.
+    Fill: circle ~0.79, square ~1.0, triangle ~0.5. Widths (vertical symmetry): ~1 for circles and
+    squares; a triangle (apex up, as scenes draws it) has a top third far narrower than its bottom third.
     """
     h, w = weights.shape
     fill = float((weights.sum() if mass is None else mass) / (h * w))
     third = max(1, h // 3)
     top, bottom = weights[:third].sum(1).mean(), weights[h - third:].sum(1).mean()
-    widths = float(top / max(bottom, 1e-6))
-    ch, cw = max(1, h // 4), max(1, w // 4)
-    corners = [weights[:ch, :cw], weights[:ch, w - cw:], weights[h - ch:, :cw], weights[h - ch:, w - cw:]]
-    corner = float(np.mean([c.mean() for c in corners]))
-    return fill, widths, corner
+    return fill, float(top / max(bottom, 1e-6))
 
 
 def classify_shape(weights: np.ndarray, mass: float | None = None) -> str:
     """Triangle if its top is much narrower than its bottom, else square if it fills its box, else circle.
     Thresholds sit midway between the feature ranges measured on clean, noisy and blurred renders
     (widths: triangle <= 0.55, others >= 0.96; fill: circle <= 0.81, square >= 0.97)."""
-    fill, widths, _corner = shape_features(weights, mass)
+    fill, widths = shape_features(weights, mass)
     if widths < 0.75:
         return "triangle"
     return "square" if fill > 0.89 else "circle"
