@@ -84,7 +84,7 @@ def training_graph(r: Recipe) -> ApiGraph:
                    steps=r.draft_steps if r.stage1 == "low" else r.full_steps, precision=r.stage1,
                    batch_size=r.batch_size)
     samples = drafts
-    if r.keep < r.candidates:
+    if r.keep != r.candidates:  # (K > N is refused at validation)
         samples = b.add("SolRLProxyRewardRanker", drafts=drafts.out(0), keep=r.keep, mode="best_worst")
     if r.regenerate:
         samples = b.add("SolRLBF16Regenerator", kept=samples.out(0), reward=reward.out(0), steps=r.full_steps,

@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-nodes", action="store_true", help="list the known node types and exit")
     p.add_argument("--to-api", type=Path, metavar="OUT", help="write the workflow in API format and exit")
     p.add_argument("--to-ui", type=Path, metavar="OUT", help="write the workflow in UI format and exit")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (fix it for bit-reproducible runs)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -126,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.list_nodes:
         print(list_nodes())
         return 0

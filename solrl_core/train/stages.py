@@ -157,6 +157,10 @@ def update(batch: SampleBatch, s: UpdateSettings,
     policy, model = session.policy, session.policy.transformer
     start = time.perf_counter()
     ctx = current_context()
+    # "reward" is always the reward of what is trained on (regenerated, or the kept drafts in baselines).
+    for key, value in _stats("reward", batch.rewards).items():
+        session.pending.setdefault(key, value)
+    session.pending["train_precision"] = batch.precision
     _, r_opt = advantages(batch.rewards)
     valid = torch.isfinite(r_opt).flatten()
     flat_prompts = [batch.prompts[i] for i in range(batch.shape[0]) for _ in range(batch.shape[1])]

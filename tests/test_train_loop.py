@@ -1,0 +1,163 @@
+"""The Sol-RL loop end to end on a tiny pixel-space SANA built offline: resume after SIGKILL equals an
+uninterrupted run, NaN rewards are dropped, bad settings fail before compute, baselines run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from model_factories import build_sana, save_pipeline
+from safetensors.torch import load_file
+
+from solrl_core.bundled import RECIPES, Recipe, training_graph
+from solrl_core.run import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = Recipe(run_name="t", iterations=3, prompts_per_iteration=2, candidates=6, keep=2, draft_steps=2,
+               full_steps=3, min_dim=0, lr=1e-2, micro_batch=4, lora_rank=4, lora_alpha=4.0, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(save_pipeline(build_sana(seed=0, with_vae=False, sample_size=8), tmp_path_factory.mktemp("m") / "pix"))
+
+
+def _workflow(tmp_path, recipe, name="wf.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(training_graph(recipe)))
+    return path
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _state(run_dir):
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(ckpt / "weights.safetensors"), load_file(ckpt / "optimizer.safetensors")
+
+
+def _no_time(row):
+    return {k: v for k, v in row.items() if not k.startswith("time_")}
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, model_dir):
+    wf = _workflow(tmp_path, replace(SMALL, model=model_dir, iterations=4))
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    assert main([str(wf), "--run-dir", str(full_dir)]) == 0
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "solrl_core.run", str(wf), "--run-dir", str(killed_dir),
+                             "--threads", str(torch.get_num_threads())], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = killed_dir / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(_rows(killed_dir))
+    assert 2 <= done_before < 4, "the kill should land mid-run"
+
+    assert main([str(wf), "--run-dir", str(killed_dir)]) == 0
+    full_rows, resumed_rows = _rows(full_dir), _rows(killed_dir)
+    assert [r["iteration"] for r in resumed_rows] == [0, 1, 2, 3]
+    assert [_no_time(r) for r in resumed_rows] == [_no_time(r) for r in full_rows]
+    (w_full, o_full), (w_res, o_res) = _state(full_dir), _state(killed_dir)
+    assert w_full.keys() == w_res.keys() and o_full.keys() == o_res.keys()
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    assert all(torch.equal(o_full[k], o_res[k]) for k in o_full)
+    assert any(k.startswith("ema.") for k in w_full) and any(k.startswith("old.") for k in w_full)
+
+
+def test_loop_logs_metrics_previews_plot_and_lora(tmp_path, model_dir):
+    run_dir = tmp_path / "run"
+    wf = _workflow(tmp_path, replace(SMALL, model=model_dir, iterations=2, audit_every=1))
+    assert main([str(wf), "--run-dir", str(run_dir)]) == 0
+    rows = _rows(run_dir)
+    assert len(rows) == 2
+    for key in ("draft_reward_mean", "draft_reward_max", "draft_reward_min", "reward_mean", "reward_max",
+                "reward_min", "time_explore", "time_regenerate", "time_train", "time_requantize", "loss",
+                "grad_norm", "dropped", "quant_backend", "audit_spearman", "audit_kendall"):
+        assert key in rows[0], key
+    assert rows[0]["quant_backend"] == "emulated"
+    assert all(r["stepped"] == 1 for r in rows)
+    from PIL import Image
+    assert Image.open(run_dir / "reward_mean.png").size[0] > 100
+    assert len(list((run_dir / "previews").glob("*.png"))) == 2
+    lora = load_file(run_dir / "lora" / "t_lora.safetensors")
+    assert lora and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in lora)
+    report = json.loads((run_dir / "quant_report.json").read_text())
+    assert report["quantized"] and report["backend"] == "emulated"
+
+
+def test_zero_learning_rate_changes_nothing_it_should_not(tmp_path, model_dir):
+    run_dir = tmp_path / "run"
+    wf = _workflow(tmp_path, replace(SMALL, model=model_dir, iterations=2, lr=0.0, kl_coef=0.0))
+    assert main([str(wf), "--run-dir", str(run_dir)]) == 0
+    weights, _ = _state(run_dir)
+    for key in [k for k in weights if k.startswith("default.")]:
+        name = key[len("default."):]
+        assert torch.equal(weights[key], weights["old." + name]), name  # old follows default exactly
+        assert torch.equal(weights[key], weights["ema." + name]), name
+    # With nothing learned the regenerated rewards are those of the initial policy: no drift.
+    assert _rows(run_dir)[0]["grad_norm"] > 0
+
+
+def test_nan_rewards_are_dropped_and_counted(tmp_path, model_dir, monkeypatch):
+    from solrl_core.rewards import REWARDS
+    from solrl_core.rewards.shapes import ShapesReward
+
+    class HalfNaN(ShapesReward):
+        name = "half_nan"
+
+        def __call__(self, images, prompts):
+            scores = super().__call__(images, prompts)
+            scores[::2] = float("nan")
+            return scores
+
+    monkeypatch.setitem(REWARDS, "half_nan", HalfNaN)
+    run_dir = tmp_path / "run"
+    wf = _workflow(tmp_path, replace(SMALL, model=model_dir, iterations=2, reward="half_nan", keep=4))
+    assert main([str(wf), "--run-dir", str(run_dir)]) == 0
+    rows = _rows(run_dir)
+    assert all(r["draft_dropped"] == 6 and r["dropped"] == 4 for r in rows)
+    assert all(r["stepped"] == 1 and r["loss"] == r["loss"] for r in rows)
+
+
+@pytest.mark.parametrize("name", ["diffusionnft", "naive_scaling", "naive_quant"])
+def test_baselines_run_and_log_the_same_metrics(tmp_path, model_dir, name):
+    recipe, _ = RECIPES[name]
+    recipe = replace(recipe, model=model_dir, iterations=1, prompts_per_iteration=2,
+                     candidates=min(recipe.candidates, 6), keep=min(recipe.keep, 2), full_steps=3, draft_steps=2,
+                     lora_rank=4, lora_alpha=4.0)
+    run_dir = tmp_path / name
+    assert main([str(_workflow(tmp_path, recipe)), "--run-dir", str(run_dir)]) == 0
+    (row,) = _rows(run_dir)
+    for key in ("reward_mean", "draft_reward_mean", "loss", "grad_norm", "dropped", "time_train"):
+        assert key in row, key
+    assert row["quant_backend"] == ("emulated" if name == "naive_quant" else "none")
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"keep": 8, "candidates": 6}, "K must be <= N"),
+    ({"keep": 3}, "K must be even"),
+    ({"model": "/no/such/model"}, "does not exist"),
+    ({"reward": "hpsv2"}, "hpsv2"),
+    ({"reward": "nope:1"}, "unknown reward 'nope'"),
+    ({"prompts": "missing_prompts.txt"}, "prompt file"),
+])
+def test_bad_settings_fail_before_compute(tmp_path, model_dir, capsys, overrides, fragment, monkeypatch):
+    monkeypatch.setenv("SOLRL_MODELS_DIR", str(tmp_path / "no_models"))
+    recipe = replace(SMALL, **{"model": model_dir, **overrides})
+    run_dir = tmp_path / "run"
+    assert main([str(_workflow(tmp_path, recipe)), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err and "node " in err, err
+    assert not run_dir.exists()

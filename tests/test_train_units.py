@@ -1,0 +1,154 @@
+"""Unit tests of the algorithm's pieces: NFT loss, advantages, selection, decay schedules, audit."""
+import math
+
+import pytest
+import torch
+
+from solrl_core.train.advantages import advantages
+from solrl_core.train.audit import kendall_tau_b, ranking_agreement, spearman
+from solrl_core.train.nft import nft_loss, noised
+from solrl_core.train.prompts import PromptCursor, load_prompts
+from solrl_core.train.schedules import blend_, ema_decay, old_decay
+from solrl_core.train.selection import check_sizes, select
+
+
+def _loss_inputs(seed=0, b=4):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(b, 3, 4, 4, generator=g)
+    eps = torch.randn(b, 3, 4, 4, generator=g)
+    t = torch.rand(b, generator=g)
+    v = torch.randn(b, 3, 4, 4, generator=g).requires_grad_(True)
+    v_old = torch.randn(b, 3, 4, 4, generator=g)
+    v_ref = torch.randn(b, 3, 4, 4, generator=g)
+    return x0, eps, t, v, v_old, v_ref
+
+
+def test_nft_loss_finite_and_gradient_only_through_v():
+    x0, eps, t, v, v_old, v_ref = _loss_inputs()
+    v_old.requires_grad_(True)
+    v_ref.requires_grad_(True)
+    out = nft_loss(v, v_old, v_ref, noised(x0, eps, t), x0, t, torch.tensor([0.0, 0.3, 0.7, 1.0]))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+    assert v_old.grad is None and v_ref.grad is None
+
+
+def test_r_prime_one_is_the_positive_branch_alone():
+    x0, eps, t, v, v_old, _ = _loss_inputs(1)
+    x_t = noised(x0, eps, t)
+    beta = 0.7
+    out = nft_loss(v, v_old, None, x_t, x0, t, torch.ones(4), beta=beta, kl_coef=0.0)
+    v_pos = beta * v + (1 - beta) * v_old
+    err = x_t - t.reshape(-1, 1, 1, 1) * v_pos - x0
+    w = err.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
+    expected = ((err ** 2 / w).mean(dim=(1, 2, 3)) / beta * 5).mean()
+    torch.testing.assert_close(out.loss, expected)
+    # r' = 0 is the negative branch: a different number.
+    neg = nft_loss(v, v_old, None, x_t, x0, t, torch.zeros(4), beta=beta, kl_coef=0.0)
+    assert not torch.allclose(neg.loss, out.loss)
+
+
+def test_kl_zero_when_policy_equals_reference():
+    x0, eps, t, v, v_old, _ = _loss_inputs(2)
+    x_t = noised(x0, eps, t)
+    out = nft_loss(v, v_old, v.detach().clone(), x_t, x0, t, torch.full((4,), 0.5), kl_coef=1.0)
+    assert out.kl.item() == 0.0
+    off = nft_loss(v, v_old, v.detach() + 1.0, x_t, x0, t, torch.full((4,), 0.5), kl_coef=1.0)
+    assert off.kl.item() == pytest.approx(1.0)
+    assert off.loss.item() == pytest.approx(out.loss.item() + 1.0, rel=1e-5)
+
+
+def test_adaptive_weight_is_detached():
+    """Gradient equals the one of the loss with the weight frozen as a constant."""
+    x0, eps, t, v, v_old, _ = _loss_inputs(3)
+    x_t = noised(x0, eps, t)
+    r = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    nft_loss(v, v_old, None, x_t, x0, t, r, beta=1.0, kl_coef=0.0).loss.backward()
+    grad = v.grad.clone()
+    v2 = v.detach().clone().requires_grad_(True)
+    err = x_t - t.reshape(-1, 1, 1, 1) * v2 - x0
+    w = err.detach().abs().mean(dim=(1, 2, 3), keepdim=True)
+    ((err ** 2 / w).mean(dim=(1, 2, 3)) * 5).mean().backward()
+    torch.testing.assert_close(grad, v2.grad)
+    # With a differentiable weight the gradient would differ.
+    v3 = v.detach().clone().requires_grad_(True)
+    err3 = x_t - t.reshape(-1, 1, 1, 1) * v3 - x0
+    ((err3 ** 2 / err3.abs().mean(dim=(1, 2, 3), keepdim=True)).mean(dim=(1, 2, 3)) * 5).mean().backward()
+    assert not torch.allclose(grad, v3.grad)
+
+
+def test_advantages_hand_computed():
+    r = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
+    # prompt means 2 and 2; global std (unbiased) of [1, 3, 2, 2] = sqrt(2/3)
+    std = math.sqrt(2 / 3)
+    adv, r_opt = advantages(r)
+    expected = torch.tensor([[-1 / (std + 1e-4), 1 / (std + 1e-4)], [0.0, 0.0]])
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(r_opt, expected / 10 + 0.5)
+
+
+def test_advantages_clip_and_nan_samples():
+    r = torch.zeros(2, 100)
+    r[0, 7] = 1.0  # one outlier among 100: (1 - 0.01) / 0.0707 ~ 14 standard deviations, clipped to 5
+    r[1, 1] = float("nan")
+    adv, r_opt = advantages(r)
+    assert adv[0, 7].item() == 5.0 and r_opt[0, 7].item() == 1.0
+    assert math.isnan(adv[1, 1].item()) and math.isnan(r_opt[1, 1].item())
+    assert torch.equal(adv[1, 2:], torch.zeros(98))
+
+
+def test_selection_best_worst_with_ties_and_nan():
+    proxy = torch.tensor([[0.5, 0.9, 0.1, 0.9, 0.1, 0.3]])
+    # best 2: the two 0.9 (positions 1, 3); worst 2: the two 0.1 (positions 2, 4)
+    assert select(proxy, 4).tolist() == [[1, 2, 3, 4]]
+    # ties resolved by position: best 1 of the 0.9s is position 1, worst 1 of the 0.1s is position 2
+    assert select(proxy, 2).tolist() == [[1, 2]]
+    nan = torch.tensor([[float("nan"), 0.2, 0.8, 0.5]])
+    assert select(nan, 2).tolist() == [[1, 2]]  # NaN is neither best nor worst while finite ones remain
+    assert select(nan, 4).tolist() == [[0, 1, 2, 3]]
+
+
+def test_selection_other_modes_and_invalid_sizes():
+    proxy = torch.tensor([[0.0, 1.0, 0.45, 0.55, 0.9]])
+    assert select(proxy, 2, "mean_deviation").tolist() == [[0, 1]]
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert select(proxy, 3, "random", g1).tolist() == select(proxy, 3, "random", g2).tolist()
+    with pytest.raises(ValueError, match="K must be <= N"):
+        check_sizes(4, 6, "best_worst")
+    with pytest.raises(ValueError, match="K must be even"):
+        check_sizes(8, 3, "best_worst")
+    check_sizes(8, 3, "mean_deviation")
+
+
+def test_decay_schedules_and_blend():
+    assert old_decay(0) == 0.0 and old_decay(100) == pytest.approx(0.1) and old_decay(10_000) == 0.5
+    assert ema_decay(0) == pytest.approx(0.1) and ema_decay(1000) == 0.9
+    target = {"w": torch.tensor([1.0, 1.0])}
+    blend_(target, {"w": torch.tensor([3.0, 5.0])}, 0.25)
+    torch.testing.assert_close(target["w"], torch.tensor([2.5, 4.0]))
+
+
+def test_rank_correlations_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, generator=g)
+    b = a + 0.5 * torch.randn(30, generator=g)
+    b[3] = b[4]  # a tie
+    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-9)
+    assert kendall_tau_b(a, b) == pytest.approx(stats.kendalltau(a, b).statistic, abs=1e-9)
+    perfect = ranking_agreement(a[None], a[None] * 2, k=4)
+    assert perfect == {"spearman": 1.0, "kendall": 1.0, "top4_overlap": 1.0}
+
+
+def test_prompt_cursor_is_a_seeded_resumable_permutation():
+    prompts = [f"p{i}" for i in range(10)]
+    cur = PromptCursor()
+    seen = []
+    for _ in range(5):
+        batch, cur = cur.take(prompts, 4, seed=1)
+        seen.extend(batch)
+    assert sorted(seen[:10]) == sorted(prompts)  # first epoch covers every prompt once
+    again, _ = PromptCursor(0, 0).take(prompts, 4, seed=1)
+    assert again == seen[:4]
+    assert len(load_prompts("shapes_single")) == 15
