@@ -5,8 +5,7 @@ import pytest
 import torch
 from model_factories import build_sana, save_pipeline
 
-from solrl_core.models import ModelNotFoundError, load_policy, loading, make_inference_copy
-from solrl_core.models.sana import PointwiseLinear
+from solrl_core.models import ModelNotFoundError, load_policy, loading
 from solrl_core.sampling import sample
 
 
@@ -42,19 +41,6 @@ def test_shipped_tiny_model_matches_its_own_sampler():
     sigmas = scheduler_sigmas(policy.scheduler, 4)
     ours = sample(policy, policy.transformer, policy.encode(prompts), seeds, 4, solver="euler", sigmas=sigmas)
     assert (ours - theirs).abs().max().item() < 1e-4
-
-
-def test_sana_pointwise_convs_become_equivalent_linears(tmp_path):
-    policy = load_policy(str(save_pipeline(build_sana(seed=6, with_vae=False, sample_size=8), tmp_path / "s")))
-    copy = make_inference_copy(policy)
-    cond = policy.encode(["two green triangles"])
-    x, sigma = policy.initial_noise([4]), torch.tensor([0.6])
-    before = policy.velocity(copy, x, sigma, cond)
-    policy.prepare_for_quantization(copy)
-    linears = [n for n, m in copy.named_modules() if isinstance(m, PointwiseLinear)]
-    assert len(linears) == 2 * len(copy.transformer_blocks)  # GLUMBConv in and out 1x1 convs per block
-    assert all(".ff." in n for n in linears)
-    assert (policy.velocity(copy, x, sigma, cond) - before).abs().max().item() < 1e-5
 
 
 def test_settings_file_next_to_model_index_configures_the_adapter(tmp_path):

@@ -139,10 +139,6 @@ class FlowPolicy:
     def sigmas(self, steps: int, height: int | None = None, width: int | None = None) -> Tensor:
         raise NotImplementedError
 
-    def prepare_for_quantization(self, module: nn.Module) -> nn.Module:
-        """Rewrite an inference copy so a linear-layer quantizer reaches what it should (default: as is)."""
-        return module
-
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(family={self.family!r}, source={self.source!r}, "
                 f"device={self.device}, dtype={self.dtype}, resolution={self.resolution})")
