@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from ..solrl_core.ops.registry import all_ops
 from .generate import node_class
+from .host import register_reward_folder
+
+register_reward_folder()
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

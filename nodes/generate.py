@@ -8,7 +8,7 @@ import torch
 
 from ..solrl_core.graph.context import use_context
 from ..solrl_core.ops.spec import ANY, Input, OpSpec
-from .host import comfy_context
+from .host import comfy_context, list_models
 
 
 class AnyType(str):
@@ -35,7 +35,10 @@ def input_entry(inp: Input) -> tuple:
     if inp.type == "COMBO":
         if inp.default is not None:
             opts["default"] = inp.default
-        return (list(inp.choices), opts)
+        choices = list(inp.choices)
+        if inp.choices_from:  # listed when ComfyUI asks (/object_info), so new models show up
+            choices += [m for m in list_models(inp.choices_from) if m not in choices]
+        return (choices, opts)
     if inp.is_widget:
         if inp.default is not None:
             opts["default"] = inp.default
@@ -50,12 +53,12 @@ def input_entry(inp: Input) -> tuple:
 
 
 def node_class(spec: OpSpec) -> type:
-    required = {i.name: input_entry(i) for i in spec.inputs if not i.optional}
-    optional = {i.name: input_entry(i) for i in spec.inputs if i.optional}
     hidden = {"dynprompt": "DYNPROMPT", "unique_id": "UNIQUE_ID"}
 
     def INPUT_TYPES(cls) -> dict:  # noqa: N802 (ComfyUI's name)
-        return {"required": dict(required), "optional": dict(optional), "hidden": dict(hidden)}
+        return {"required": {i.name: input_entry(i) for i in spec.inputs if not i.optional},
+                "optional": {i.name: input_entry(i) for i in spec.inputs if i.optional},
+                "hidden": dict(hidden)}
 
     def run(self, dynprompt: Any = None, unique_id: str | None = None, **kwargs: Any) -> Any:
         if spec.expands:

@@ -1,13 +1,22 @@
-"""The RunContext ops see inside ComfyUI: its progress bars, interruption and folders.
+"""The RunContext ops see inside ComfyUI: its progress bars, interruption, text, images, folders.
 
 ComfyUI modules are imported here only, lazily, so the pack imports without ComfyUI (tests).
 """
 from __future__ import annotations
 
+import logging
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 from ..solrl_core.graph.context import RunContext
+
+log = logging.getLogger("solrl")
+
+# ComfyUI folder kinds the loaders search, and the one Sol-RL adds for reward weights.
+MODEL_KINDS = ("diffusers", "checkpoints", "diffusion_models")
+REWARD_KINDS = ("solrl_rewards", "text_encoders")
 
 
 class _ComfyBar:
@@ -19,7 +28,7 @@ class _ComfyBar:
 
     def update(self, done: int, total: int | None = None, preview: Any = None) -> None:
         self.total = total or self.total
-        self.bar.update_absolute(done, self.total, ("PNG", preview, None) if preview is not None else None)
+        self.bar.update_absolute(done, self.total, ("PNG", preview, 512) if preview is not None else None)
 
     def close(self) -> None:
         pass
@@ -38,17 +47,71 @@ class ComfyContext(RunContext):
     def progress(self, total: int, desc: str = ""):
         return _ComfyBar(total, self.node_id)
 
+    def status(self, text: str) -> None:
+        log.info(text)
+        try:
+            from server import PromptServer
+
+            PromptServer.instance.send_progress_text(text, self.node_id)
+        except Exception:  # an older ComfyUI without progress text: the log has it
+            pass
+
+    def show_image(self, image: Any, name: str) -> dict[str, str] | None:
+        import folder_paths
+
+        folder = Path(folder_paths.get_temp_directory()) / "solrl"
+        folder.mkdir(parents=True, exist_ok=True)
+        filename = f"{Path(name).stem}_{uuid.uuid4().hex[:8]}.png"
+        image.save(folder / filename)
+        return {"filename": filename, "subfolder": "solrl", "type": "temp"}
+
+    def list_models(self, kind: str) -> list[str]:
+        return list_models(kind)
+
+
+def list_models(kind: str) -> list[str]:
+    """Model folders (diffusers) and files (checkpoints, diffusion models) in ComfyUI's folders."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    names: list[str] = []
+    for folder in _folders("diffusers"):
+        if os.path.isdir(folder):
+            names += sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, "model_index.json")))
+    for k in ("checkpoints", "diffusion_models"):
+        try:
+            names += folder_paths.get_filename_list(k)
+        except Exception:
+            pass
+    return names
+
+
+def _folders(kind: str) -> list[str]:
+    try:
+        import folder_paths
+
+        return list(folder_paths.get_folder_paths(kind))
+    except Exception:  # not inside ComfyUI, or a kind this version does not know
+        return []
+
+
+def register_reward_folder() -> None:
+    """Add models/solrl_rewards to ComfyUI's folder registry (HPSv2, PickScore, ... weights)."""
+    try:
+        import folder_paths
+    except ImportError:
+        return
+    if "solrl_rewards" not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths["solrl_rewards"] = (
+            [os.path.join(folder_paths.models_dir, "solrl_rewards")], {""})
+
 
 def comfy_context(node_id: str | None) -> RunContext:
     try:
         import folder_paths
     except ImportError:  # imported outside ComfyUI (tests, tools): plain context
         return RunContext()
-    search = {}
-    for kind in ("diffusers", "checkpoints", "diffusion_models", "clip", "loras", "solrl_rewards"):
-        try:
-            search[kind] = list(folder_paths.get_folder_paths(kind))
-        except Exception:  # a kind this ComfyUI version does not know
-            search[kind] = []
+    search = {kind: _folders(kind) for kind in (*MODEL_KINDS, *REWARD_KINDS)}
     runs_root = Path(folder_paths.get_output_directory()) / "solrl_runs"
     return ComfyContext(node_id, search_dirs=search, runs_root=runs_root)

@@ -64,6 +64,14 @@ class RunContext:
     def status(self, text: str) -> None:
         log.info(text)
 
+    def show_image(self, image: Any, name: str) -> dict[str, str] | None:
+        """Make an image visible in the host's UI; returns the host's reference to it (or None)."""
+        return None
+
+    def list_models(self, kind: str) -> list[str]:
+        """Names of models the host offers for a folder kind (ComfyUI's model folders)."""
+        return []
+
     # --- run directory ------------------------------------------------------------------
     def require_run_dir(self) -> Path:
         if self.run_dir is None:

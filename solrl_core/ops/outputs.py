@@ -17,13 +17,19 @@ def to_comfy_image(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
+def _ui(img: Image.Image, path) -> dict:
+    """The saved file's path, and the image itself where the host can show it (ComfyUI)."""
+    shown = current_context().show_image(img, path.name)
+    return {"text": [str(path)], **({"images": [shown]} if shown else {})}
+
+
 def preview_op(samples, max_prompts: int = 4, scale: int = 4) -> dict:
     session = samples.session
     grid = preview_grid(samples, max_prompts=max_prompts, scale=scale)
     path = session.run_dir / "previews" / f"iter-{session.iteration:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
-    return {"ui": {"text": [str(path)]}, "result": (samples, to_comfy_image(grid))}
+    return {"ui": _ui(grid, path), "result": (samples, to_comfy_image(grid))}
 
 
 register(OpSpec(
@@ -47,8 +53,7 @@ def plot_metrics_op(trainer, metric: str = "reward_mean") -> dict:
     img = metrics_plot(trainer.metrics, metric)
     path = trainer.run_dir / f"{metric}.png"
     img.save(path)
-    current_context().status(f"plot: {path}")
-    return {"ui": {"text": [str(path)]}, "result": (to_comfy_image(img),)}
+    return {"ui": _ui(img, path), "result": (to_comfy_image(img),)}
 
 
 register(OpSpec(

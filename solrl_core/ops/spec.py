@@ -36,6 +36,9 @@ class Input:
     optional: bool = False
     multiline: bool = False
     seed: bool = False  # the UI adds a "control_after_generate" widget value after it
+    # COMBO whose list the host extends (e.g. ComfyUI's model folders, by this folder kind); other
+    # strings are accepted too (paths, repo ids) and checked by the op's validate hook.
+    choices_from: str = ""
 
     @property
     def is_widget(self) -> bool:
@@ -63,7 +66,10 @@ class Input:
             raise InputError(name, f"expected true or false, got {value!r}")
         if self.type == "STRING" and not isinstance(value, str):
             raise InputError(name, f"expected a string, got {value!r}")
-        if self.type == "COMBO" and value not in self.choices:
+        if self.type == "COMBO" and self.choices_from:
+            if not isinstance(value, str) or not value:
+                raise InputError(name, f"expected a name or path, got {value!r}")
+        elif self.type == "COMBO" and value not in self.choices:
             raise InputError(name, f"{value!r} is not one of {list(self.choices)}")
         return value
 

@@ -71,7 +71,9 @@ register(OpSpec(
                 "Sol-RL), a diffusers folder, a repo id in the local Hugging Face cache, or a single-file "
                 "transformer checkpoint (with 'base' for the rest of the pipeline).",
     inputs=(
-        Input("model", "STRING", "embedded", tooltip="'embedded', a folder, a cached repo id or a file."),
+        Input("model", "COMBO", "embedded", choices=("embedded",), choices_from="models",
+              tooltip="'embedded', a model in ComfyUI's diffusers / checkpoints folders, a folder, a cached "
+                      "repo id or a single file."),
         Input("family", "COMBO", "auto", choices=("auto", "sana", "flux", "sd3")),
         Input("device", "COMBO", "auto", choices=("auto", "cpu", "cuda")),
         Input("dtype", "COMBO", "auto", choices=tuple(DTYPES),

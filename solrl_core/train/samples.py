@@ -28,6 +28,16 @@ class SampleBatch:
     pool_rewards: Tensor | None = None  # [P, N]
     images: Tensor | None = None  # [P, M, 3, H, W] in [0, 1], for previews
 
+    def __post_init__(self) -> None:
+        track = getattr(self.session, "track", None)
+        if track is not None:
+            track(self)
+
+    def release(self) -> None:
+        """Drop the heavy tensors once the iteration is committed: ComfyUI keeps every loop
+        iteration's node outputs alive, so a handle must not pin the images and latents."""
+        self.latents = self.images = None
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.seeds.shape)

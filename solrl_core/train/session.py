@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ class TrainingSession:
         self.copies_iteration = -1
         self.pending: dict[str, Any] = {}
         self.pending_cursor: PromptCursor | None = None
+        self._batches: list[weakref.ref] = []  # this iteration's sample batches, released at commit
         self._prepare_model()
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if checkpoint is not None:
@@ -209,6 +211,9 @@ class TrainingSession:
         self.optimizer_settings = dict(settings)
         return self.optimizer
 
+    def track(self, batch: Any) -> None:
+        self._batches.append(weakref.ref(batch))
+
     # --- end of iteration -----------------------------------------------------------------
     def commit(self, row: dict[str, Any]) -> None:
         """Finish the iteration: advance counters, checkpoint atomically, append the metrics row."""
@@ -229,6 +234,11 @@ class TrainingSession:
                         self.optimizer.state_dict() if self.optimizer is not None else None, meta)
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+        for ref in self._batches:
+            batch = ref()
+            if batch is not None:
+                batch.release()
+        self._batches = []
 
 
 def _strip(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
