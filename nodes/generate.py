@@ -1,7 +1,6 @@
 """Build a ComfyUI V1 node class from an OpSpec."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -82,12 +81,15 @@ def node_class(spec: OpSpec) -> type:
         "__doc__": spec.description,
     }
     if spec.always_run:
-        # NaN never equals itself, so ComfyUI's cache never serves this node from a previous run.
-        attrs["IS_CHANGED"] = classmethod(lambda cls, **kw: math.nan)
+        # NaN never equals itself, so ComfyUI's cache never serves this node from a previous run. A new
+        # float each call: containers compare by identity first, and ComfyUI's cache key holds this value
+        # in a frozenset, where the one math.nan object would equal itself (a cache hit every time).
+        attrs["IS_CHANGED"] = classmethod(lambda cls, **kw: float("nan"))
     if spec.validate is not None:
         def VALIDATE_INPUTS(cls, **kw: Any) -> bool | str:  # noqa: N802 (ComfyUI's name)
-            try:
-                spec.validate({k: v for k, v in kw.items() if k not in hidden}, {})
+            try:  # in ComfyUI's context: its model folders and output directory
+                with use_context(comfy_context(None)):
+                    spec.validate({k: v for k, v in kw.items() if k not in hidden}, {})
             except (ValueError, FileNotFoundError) as e:
                 return str(e)
             return True

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -60,13 +61,23 @@ class ComfyServer:
     def post(self, path: str, payload: dict | None = None):
         req = urllib.request.Request(self.url + path, data=json.dumps(payload or {}).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            body = r.read()
-            return json.loads(body) if body else None
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                body = r.read()
+        except urllib.error.HTTPError as e:  # ComfyUI explains a refused prompt in the body
+            raise AssertionError(f"POST {path}: HTTP {e.code}: {e.read().decode(errors='replace')}") from None
+        return json.loads(body) if body else None
+
+    def submit(self, api: dict) -> str:
+        """POST a prompt (API format); returns its prompt id without waiting."""
+        return self.post("/prompt", {"prompt": api})["prompt_id"]
 
     def queue(self, api: dict, timeout: float = 600) -> dict:
         """POST a prompt and wait for its history entry."""
-        pid = self.post("/prompt", {"prompt": api})["prompt_id"]
+        return self.wait(self.submit(api), timeout)
+
+    def wait(self, pid: str, timeout: float = 600) -> dict:
+        """The history entry of prompt `pid` once it finished (success, error or interrupted)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             hist = self.get(f"/history/{pid}")
@@ -74,6 +85,26 @@ class ComfyServer:
                 return hist[pid]
             time.sleep(0.5)
         raise TimeoutError(f"prompt {pid} did not finish in {timeout} s")
+
+    def interrupt(self) -> None:
+        self.post("/interrupt")
+
+    def view(self, image: dict) -> bytes:
+        """The bytes of an image a node showed in the UI ({"filename", "subfolder", "type"})."""
+        query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+        with urllib.request.urlopen(f"{self.url}/view?{query}", timeout=30) as r:
+            return r.read()
+
+    def add_model(self, kind: str, name: str, folder: Path) -> Path:
+        """Make `folder` appear as models/<kind>/<name> (e.g. a diffusers pipeline folder)."""
+        link = self.base / "models" / kind / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(folder).resolve(), target_is_directory=Path(folder).is_dir())
+        return link
+
+    @property
+    def output_dir(self) -> Path:
+        return self.base / "output"
 
     def close(self) -> None:
         self.proc.terminate()
@@ -87,3 +118,17 @@ class ComfyServer:
 def message_types(history: dict) -> list[str]:
     # status_str can say "success" after a runtime error: the messages tell the truth.
     return [m[0] for m in history["status"]["messages"]]
+
+
+def succeeded(history: dict) -> bool:
+    kinds = message_types(history)
+    return "execution_success" in kinds and "execution_error" not in kinds and "execution_interrupted" not in kinds
+
+
+def ui_images(history: dict, node_ids: set[str] | None = None) -> list[dict]:
+    """The "images" ui entries of a finished prompt (of the given display node ids, or all)."""
+    out = []
+    for nid, ui in history["outputs"].items():
+        if node_ids is None or nid.split(".")[-1] in node_ids:  # clones: <close>.<i>.<display id>
+            out += ui.get("images", [])
+    return out

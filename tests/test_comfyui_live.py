@@ -1,20 +1,67 @@
-"""The pack inside a real ComfyUI, started headless on CPU (skipped without COMFYUI_PATH)."""
-import pytest
-from comfyui_server import ComfyServer, message_types
+"""The pack inside a real ComfyUI, started headless on CPU (skipped without COMFYUI_PATH).
 
-from solrl_core.bundled import WORKFLOWS_DIR
+The training tests queue the quickstart workflow (small sizes, a tiny offline SANA placed in
+models/diffusers) through POST /prompt, as the ComfyUI frontend does, and read the run directory
+ComfyUI's output folder gets.
+"""
+import io
+import json
+import time
+from dataclasses import replace
+
+import pytest
+from comfyui_server import ComfyServer, message_types, succeeded, ui_images
+from PIL import Image
+
+from solrl_core.bundled import BUNDLED, WORKFLOWS_DIR, Recipe, training_graph
 from solrl_core.graph.validate import validate
 from solrl_core.graph.workflow import load_workflow
 from solrl_core.ops.registry import all_ops
 
 pytestmark = pytest.mark.comfyui
 
+MODEL = "tiny_sana"
+# 2 prompts x 4 drafts, keep 2, 2 draft / 2 full steps: seconds per iteration on one CPU core.
+SMALL = Recipe(model=MODEL, run_name="live", iterations=6, prompts_per_iteration=2, candidates=4, keep=2,
+               draft_steps=2, full_steps=2, min_dim=0, lr=1e-2, micro_batch=4, lora_rank=4, lora_alpha=4.0,
+               batch_size=8)
+PER_QUEUE = 2  # Loop Start iterations; Training Run's total_iterations (6) is larger
+ROW_KEYS = ("reward_mean", "draft_reward_mean", "loss", "grad_norm")
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ComfyServer(tmp_path_factory.mktemp("comfy"))
+    from model_factories import build_sana, save_pipeline
+
+    base = tmp_path_factory.mktemp("comfy")
+    model = save_pipeline(build_sana(seed=0, with_vae=False, sample_size=8), tmp_path_factory.mktemp("m") / MODEL)
+    srv = ComfyServer(base)
+    srv.add_model("diffusers", MODEL, model)
     yield srv
     srv.close()
+
+
+def _graph(recipe: Recipe, per_queue: int) -> tuple[dict, dict[str, str]]:
+    """The API graph of a training recipe with Loop Start set to `per_queue`; and class -> node id."""
+    api = training_graph(recipe)
+    ids = {node["class_type"]: nid for nid, node in api.items()}
+    api[ids["SolRLLoopStart"]]["inputs"]["iterations"] = per_queue
+    return api, ids
+
+
+def _rows(server, run_name):
+    path = server.output_dir / "solrl_runs" / run_name / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _no_time(row):
+    return {k: v for k, v in row.items() if not k.startswith("time_")}
+
+
+def _image(server, entry) -> Image.Image:
+    img = Image.open(io.BytesIO(server.view(entry)))
+    img.load()
+    return img
 
 
 def test_every_op_is_listed(server):
@@ -22,6 +69,18 @@ def test_every_op_is_listed(server):
     missing = [op for op in all_ops() if op not in info]
     assert missing == []
     assert info["SolRLLoopStart"]["category"] == "Sol-RL/flow"
+    # Load Policy's model list is ComfyUI's model folders: the fixture placed in models/diffusers is there.
+    choices = info["SolRLLoadPolicy"]["input"]["required"]["model"][0]
+    assert choices[0] == "embedded" and MODEL in choices
+
+
+def test_bundled_workflows_are_templates(server):
+    templates = server.get("/workflow_templates")
+    assert sorted(templates["solrl"]) == sorted(BUNDLED)
+    assert sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json")) == sorted(BUNDLED)
+    served = server.get("/api/workflow_templates/solrl/quickstart.json")
+    assert served == json.loads((WORKFLOWS_DIR / "quickstart.json").read_text())
+    assert {n["type"] for n in served["nodes"]} >= {"SolRLTrainingRun", "SolRLLoopStart", "SolRLNFTUpdate"}
 
 
 def test_bundled_loop_runs_through_post_prompt(server):
@@ -33,3 +92,71 @@ def test_bundled_loop_runs_through_post_prompt(server):
     assert final["text"] == ["final_total = 15"]
     running = sorted(float(v["text"][0].split("= ")[1]) for k, v in history["outputs"].items() if k != "6")
     assert running == [1.5 * i for i in range(1, 11)]
+
+
+def test_training_queue_logs_rewards_and_continues(server):
+    api, ids = _graph(SMALL, PER_QUEUE)
+    first = server.queue(api)
+    assert succeeded(first), first["status"]
+    rows = _rows(server, "live")
+    assert [r["iteration"] for r in rows] == [0, 1]
+    for row in rows:
+        for key in ROW_KEYS:
+            assert isinstance(row[key], float) and row[key] == row[key], (key, row)  # logged, not NaN
+        assert row["stepped"] == 1 and row["quant_backend"] == "emulated"
+
+    # Preview (one grid per iteration) and Plot Metrics show real PNGs in the UI (temp/solrl).
+    previews = ui_images(first, {ids["SolRLPreview"]})
+    assert len(previews) == PER_QUEUE
+    for entry in previews:
+        assert entry["subfolder"] == "solrl" and entry["type"] == "temp"
+        img = _image(server, entry)
+        # 8x8 pixels x scale 4 per sample, K=2 samples per row, one row per prompt.
+        assert img.format == "PNG" and img.mode == "RGB" and img.size[0] == 8 * 4 * SMALL.keep
+        assert img.size[1] > 8 * 4 * SMALL.prompts_per_iteration
+    saved = sorted((server.output_dir / "solrl_runs" / "live" / "previews").glob("*.png"))
+    assert [p.name for p in saved] == ["iter-000000.png", "iter-000001.png"]
+    shown = sorted(_image(server, e).tobytes() for e in previews)
+    assert shown == sorted(Image.open(p).convert("RGB").tobytes() for p in saved)  # same pixels as the files
+    (plot,) = ui_images(first, {ids["SolRLPlotMetrics"]})
+    img = _image(server, plot)
+    assert img.format == "PNG" and img.mode in ("RGB", "RGBA") and min(img.size) >= 200
+    assert len(set(img.convert("L").getdata())) > 10  # a drawn plot, not a blank canvas
+    lora_text = first["outputs"][ids["SolRLSaveLoRA"]]["text"]
+    assert lora_text[0].endswith("live_lora.safetensors")
+
+    # Queue the same workflow again: mode "continue" goes on at the third iteration.
+    second = server.queue(api)
+    assert succeeded(second), second["status"]
+    rows = _rows(server, "live")
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["stepped"] == 1 and r["reward_mean"] == r["reward_mean"] for r in rows)
+    assert len(ui_images(second, {ids["SolRLPreview"]})) == PER_QUEUE
+
+
+def test_interrupt_leaves_a_run_that_resumes(server):
+    """POST /interrupt mid-iteration; queueing again continues from the last committed iteration, and
+    the rows equal those of the uninterrupted run above (same seed and settings, another run name)."""
+    recipe = replace(SMALL, run_name="interrupted")
+    api, _ = _graph(recipe, 4)
+    pid = server.submit(api)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(_rows(server, "interrupted")) < 1:
+        time.sleep(0.05)
+    server.interrupt()  # lands in the iteration after the first commit
+    history = server.wait(pid)
+    kinds = message_types(history)
+    assert "execution_interrupted" in kinds and "execution_success" not in kinds, history["status"]
+    committed = len(_rows(server, "interrupted"))
+    assert 1 <= committed < 4, "the interrupt should land mid-queue"
+    run_dir = server.output_dir / "solrl_runs" / "interrupted"
+    assert (run_dir / "checkpoints" / "latest").exists()
+
+    api, _ = _graph(recipe, 4 - committed)  # only the Loop Start count changes: the run is the same
+    resumed = server.queue(api)
+    assert succeeded(resumed), resumed["status"]
+    rows = _rows(server, "interrupted")
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    reference = _rows(server, "live")  # 4 uninterrupted iterations (two queues of 2)
+    assert len(reference) == 4
+    assert [_no_time(r) for r in rows[:4]] == [_no_time(r) for r in reference]
