@@ -163,3 +163,24 @@ def test_jpeg_rewards_are_signed_sizes_in_kb():
     assert incomp.tolist() == pytest.approx([_jpeg_kb(to_pil(im)) for im in images], abs=1e-6)
     assert torch.equal(comp, -incomp)
     assert comp[0] > comp[1] and incomp[1] > 5 * incomp[0]
+
+
+def test_model_folders_found_under_comfyui_style_names(tmp_path, monkeypatch):
+    monkeypatch.delenv("SOLRL_MODELS_DIR", raising=False)
+    clip_dir, rewards_dir = tmp_path / "clip", tmp_path / "solrl_rewards"
+    for folder in (clip_dir / "PickScore_v1", clip_dir / "clip-vit-large-patch14"):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    (rewards_dir / "imagereward" / "bert-base-uncased").mkdir(parents=True)
+    (rewards_dir / "imagereward" / "ImageReward.pt").write_bytes(b"x")
+    (rewards_dir / "imagereward" / "bert-base-uncased" / "vocab.txt").write_text("[PAD]\n")
+    dirs = [str(rewards_dir), str(clip_dir)]
+    assert load_reward("pickscore", search_dirs=dirs).required_files()[0].found == str(clip_dir / "PickScore_v1")
+    assert load_reward("clipscore", search_dirs=dirs).required_files()[0].found == str(
+        clip_dir / "clip-vit-large-patch14")
+    ir = load_reward("imagereward", search_dirs=dirs)
+    ir.check_files()
+    assert ir.required_files()[1].found == str(rewards_dir / "imagereward" / "bert-base-uncased" / "vocab.txt")
+    (clip_dir / "PickScore_v1" / "config.json").unlink()  # a folder without config.json is not a model
+    with pytest.raises(RewardFileNotFoundError, match="a model folder with config.json"):
+        load_reward("pickscore", search_dirs=dirs).check_files()
