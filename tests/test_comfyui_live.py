@@ -1,4 +1,5 @@
-"""The pack inside a real ComfyUI, started headless on CPU (skipped without COMFYUI_PATH).
+"""The pack inside a real ComfyUI, started headless on CPU (skipped without COMFYUI_PATH), and the
+images its output nodes make, checked headless too.
 
 The training tests queue the quickstart workflow (small sizes, a tiny offline SANA placed in
 models/diffusers) through POST /prompt, as the ComfyUI frontend does, and read the run directory
@@ -9,7 +10,9 @@ import json
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
+import torch
 from comfyui_server import ComfyServer, message_types, succeeded, ui_images
 from PIL import Image
 
@@ -18,7 +21,7 @@ from solrl_core.graph.validate import validate
 from solrl_core.graph.workflow import load_workflow
 from solrl_core.ops.registry import all_ops
 
-pytestmark = pytest.mark.comfyui
+live = pytest.mark.comfyui  # the tests that need a real ComfyUI (COMFYUI_PATH)
 
 MODEL = "tiny_sana"
 # 2 prompts x 4 drafts, keep 2, 2 draft / 2 full steps: seconds per iteration on one CPU core.
@@ -64,6 +67,7 @@ def _image(server, entry) -> Image.Image:
     return img
 
 
+@live
 def test_every_op_is_listed(server):
     info = server.get("/object_info")
     missing = [op for op in all_ops() if op not in info]
@@ -74,6 +78,7 @@ def test_every_op_is_listed(server):
     assert choices[0] == "embedded" and MODEL in choices
 
 
+@live
 def test_bundled_workflows_are_templates(server):
     templates = server.get("/workflow_templates")
     assert sorted(templates["solrl"]) == sorted(BUNDLED)
@@ -83,6 +88,7 @@ def test_bundled_workflows_are_templates(server):
     assert {n["type"] for n in served["nodes"]} >= {"SolRLTrainingRun", "SolRLLoopStart", "SolRLNFTUpdate"}
 
 
+@live
 def test_bundled_loop_runs_through_post_prompt(server):
     api, _ = load_workflow(WORKFLOWS_DIR / "demo_loop.json")
     history = server.queue(validate(api))
@@ -94,6 +100,7 @@ def test_bundled_loop_runs_through_post_prompt(server):
     assert running == [1.5 * i for i in range(1, 11)]
 
 
+@live
 def test_training_queue_logs_rewards_and_continues(server):
     api, ids = _graph(SMALL, PER_QUEUE)
     first = server.queue(api)
@@ -134,6 +141,7 @@ def test_training_queue_logs_rewards_and_continues(server):
     assert len(ui_images(second, {ids["SolRLPreview"]})) == PER_QUEUE
 
 
+@live
 def test_interrupt_leaves_a_run_that_resumes(server):
     """POST /interrupt mid-iteration; queueing again continues from the last committed iteration, and
     the rows equal those of the uninterrupted run above (same seed and settings, another run name)."""
@@ -160,3 +168,31 @@ def test_interrupt_leaves_a_run_that_resumes(server):
     reference = _rows(server, "live")  # 4 uninterrupted iterations (two queues of 2)
     assert len(reference) == 4
     assert [_no_time(r) for r in rows[:4]] == [_no_time(r) for r in reference]
+
+
+def test_headless_preview_and_plot_outputs_are_valid_images(tmp_path):
+    """Without ComfyUI: Preview's and Plot Metrics' IMAGE outputs are ComfyUI images ([1, H, W, 3] floats
+    in [0, 1]) equal to the PNG files they write to the run directory."""
+    from model_factories import build_sana, save_pipeline
+
+    from solrl_core.graph.context import RunContext
+    from solrl_core.graph.executor import execute
+
+    folder = save_pipeline(build_sana(seed=0, with_vae=False, sample_size=8), tmp_path / "model")
+    api, ids = _graph(replace(SMALL, model=str(folder), iterations=1), 1)
+    run_dir = tmp_path / "run"
+    result = execute(api, RunContext(run_dir=run_dir))
+    _, preview = result.outputs[ids["SolRLPreview"]]
+    (plot,) = result.outputs[ids["SolRLPlotMetrics"]]
+    files = {"preview": run_dir / "previews" / "iter-000000.png", "plot": run_dir / "reward_mean.png"}
+    for kind, image in (("preview", preview), ("plot", plot)):
+        assert image.dtype == torch.float32 and image.dim() == 4 and image.shape[0] == 1 and image.shape[3] == 3
+        assert 0.0 <= image.min().item() and image.max().item() <= 1.0
+        png = Image.open(files[kind])
+        assert png.format == "PNG" and png.mode in ("RGB", "RGBA")
+        pixels = torch.from_numpy(np.asarray(png.convert("RGB"), dtype=np.float32) / 255.0)
+        assert torch.equal(image[0], pixels), kind
+        assert str(files[kind]) in result.ui[ids["SolRLPreview" if kind == "preview" else "SolRLPlotMetrics"]][0]["text"]
+    assert preview.shape[2] == 8 * 4 * SMALL.keep  # K samples of 8x8 pixels, scale 4
+    assert preview.shape[1] > 8 * 4 * SMALL.prompts_per_iteration
+    assert min(plot.shape[1:3]) >= 200 and plot.std().item() > 0.01  # a drawn plot, not a blank canvas
