@@ -89,6 +89,20 @@ def test_bundled_workflows_are_templates(server):
 
 
 @live
+def test_missing_reward_weights_are_refused_naming_comfyui_folders(server):
+    """Validation (at POST /prompt, before any compute) looks for reward weights in models/solrl_rewards
+    and ComfyUI's text encoder folders (models/text_encoders, models/clip)."""
+    api, _ = _graph(replace(SMALL, reward="pickscore", run_name="refused"), 1)
+    with pytest.raises(AssertionError, match="HTTP 400") as refused:
+        server.submit(api)
+    message = str(refused.value)
+    assert "reward 'pickscore' needs" in message
+    for folder in ("solrl_rewards", "text_encoders", "clip"):
+        assert str(server.base / "models" / folder / "pickscore") in message, folder
+    assert not (server.output_dir / "solrl_runs" / "refused").exists()
+
+
+@live
 def test_bundled_loop_runs_through_post_prompt(server):
     api, _ = load_workflow(WORKFLOWS_DIR / "demo_loop.json")
     history = server.queue(validate(api))

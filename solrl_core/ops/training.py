@@ -91,7 +91,9 @@ register(OpSpec(
 # --- Load Reward ------------------------------------------------------------------------------
 def _reward_search_dirs() -> list[str]:
     dirs = current_context().search_dirs
-    return [*dirs.get("solrl_rewards", []), *dirs.get("clip", [])]
+    # ComfyUI's "text_encoders" kind covers models/text_encoders and models/clip ("clip" is its legacy name).
+    found = [*dirs.get("solrl_rewards", []), *dirs.get("text_encoders", []), *dirs.get("clip", [])]
+    return list(dict.fromkeys(found))
 
 
 def _build_reward(rewards: str, device: str, path: str = ""):
