@@ -150,20 +150,21 @@ def layout(spec: SceneSpec, rng: random.Random, size: int = DEFAULT_SIZE) -> Sce
                     break
                 boxes.append((cx, cy, side))
                 objs.append(PlacedObject(o.color, o.shape, cx, cy, side))
-        if ok and (spec.relation is None or relation_holds(spec.relation, objs[0], objs[1], size)):
+        # Drawn relations hold with a pixel to spare, so rasterisation never decides them.
+        if ok and (spec.relation is None or relation_holds(spec.relation, objs[0], objs[1], size, margin=1.0)):
             return Scene(objs, size)
     raise RuntimeError(f"could not lay out {caption(spec)!r} in {size}px")
 
 
 def relation_holds(relation: str, a: PlacedObject | tuple[float, float], b: PlacedObject | tuple[float, float],
-                   size: int = DEFAULT_SIZE) -> bool:
+                   size: int = DEFAULT_SIZE, margin: float = 0.0) -> bool:
     """a REL b: the centres differ by at least 15% of the image along the relation's axis,
     and by more along that axis than across it (so 'left of' is not mostly 'above')."""
     ax, ay = (a.cx, a.cy) if isinstance(a, PlacedObject) else a
     bx, by = (b.cx, b.cy) if isinstance(b, PlacedObject) else b
     dx, dy = bx - ax, by - ay  # image y grows downwards
     along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
-    return along >= 0.15 * size and along > abs(across)
+    return along >= 0.15 * size + margin and along > abs(across) + margin
 
 
 def render(scene: Scene) -> Image.Image:
