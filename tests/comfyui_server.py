@@ -34,11 +34,13 @@ class ComfyServer:
             pytest.skip("COMFYUI_PATH is not set")
         self.base = base
         (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
-        (base / "custom_nodes" / "solrl").symlink_to(ROOT, target_is_directory=True)
+        pack = base / "custom_nodes" / "solrl"
+        if not pack.is_symlink():  # a second server on the same base directory reuses the link
+            pack.symlink_to(ROOT, target_is_directory=True)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-        self.log = open(base / "comfyui.log", "w")
+        self.log = open(base / f"comfyui-{self.port}.log", "w")
         self.proc = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
              "--base-directory", str(base), "--disable-auto-launch"],
@@ -46,7 +48,7 @@ class ComfyServer:
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited: see {base / 'comfyui.log'}")
+                raise RuntimeError(f"ComfyUI exited: see {self.log.name}")
             try:
                 self.get("/system_stats")
                 return

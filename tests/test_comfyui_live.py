@@ -161,16 +161,7 @@ def test_interrupt_leaves_a_run_that_resumes(server):
     the rows equal those of the uninterrupted run above (same seed and settings, another run name)."""
     recipe = replace(SMALL, run_name="interrupted")
     api, _ = _graph(recipe, 4)
-    pid = server.submit(api)
-    deadline = time.time() + 600
-    while time.time() < deadline and len(_rows(server, "interrupted")) < 1:
-        time.sleep(0.05)
-    server.interrupt()  # lands in the iteration after the first commit
-    history = server.wait(pid)
-    kinds = message_types(history)
-    assert "execution_interrupted" in kinds and "execution_success" not in kinds, history["status"]
-    committed = len(_rows(server, "interrupted"))
-    assert 1 <= committed < 4, "the interrupt should land mid-queue"
+    committed = _interrupt_after_first_commit(server, api, "interrupted")
     run_dir = server.output_dir / "solrl_runs" / "interrupted"
     assert (run_dir / "checkpoints" / "latest").exists()
 
@@ -210,3 +201,36 @@ def test_headless_preview_and_plot_outputs_are_valid_images(tmp_path):
     assert preview.shape[2] == 8 * 4 * SMALL.keep  # K samples of 8x8 pixels, scale 4
     assert preview.shape[1] > 8 * 4 * SMALL.prompts_per_iteration
     assert min(plot.shape[1:3]) >= 200 and plot.std().item() > 0.01  # a drawn plot, not a blank canvas
+
+
+def _interrupt_after_first_commit(server, api, run_name) -> int:
+    pid = server.submit(api)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(_rows(server, run_name)) < 1:
+        time.sleep(0.05)
+    server.interrupt()  # lands in the iteration after the first commit
+    history = server.wait(pid)
+    kinds = message_types(history)
+    assert "execution_interrupted" in kinds and "execution_success" not in kinds, history["status"]
+    committed = len(_rows(server, run_name))
+    assert 1 <= committed < 4, "the interrupt should land mid-queue"
+    return committed
+
+
+@live
+def test_interrupted_run_resumes_in_a_restarted_comfyui(server):
+    """The run directory alone is enough: a new ComfyUI process (same folders) continues the interrupted
+    run from its checkpoint, with the rows an uninterrupted run has."""
+    recipe = replace(SMALL, run_name="restarted")
+    api, _ = _graph(recipe, 4)
+    committed = _interrupt_after_first_commit(server, api, "restarted")
+    fresh = ComfyServer(server.base)  # another process: nothing of the run is in its memory
+    try:
+        api, _ = _graph(recipe, 4 - committed)
+        resumed = fresh.queue(api)
+    finally:
+        fresh.close()
+    assert succeeded(resumed), resumed["status"]
+    rows = _rows(server, "restarted")
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert [_no_time(r) for r in rows] == [_no_time(r) for r in _rows(server, "live")]
