@@ -54,7 +54,10 @@ def _graph(recipe: Recipe, per_queue: int) -> tuple[dict, dict[str, str]]:
 
 def _rows(server, run_name):
     path = server.output_dir / "solrl_runs" / run_name / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not path.exists():
+        return []
+    # Complete lines only: the file may be read while ComfyUI appends a row.
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1]]
 
 
 def _no_time(row):
