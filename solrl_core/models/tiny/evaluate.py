@@ -46,13 +46,11 @@ def eval_prompts(kind: str, n: int, seed: int = 0) -> list[str]:
     return [caption(rng.choice(specs)) for _ in range(n)]
 
 
-def sample_images(weights: str | Path, prompts: list[str], seeds: list[int], steps: int = 10,
+def sample_images(policy, prompts: list[str], seeds: list[int], steps: int = 10,
                   batch_size: int = 64) -> torch.Tensor:
-    """Images (B, 3, 32, 32) in [0, 1] through load_policy + sampling.sample."""
-    from solrl_core.models import load_policy
+    """Images (B, 3, 32, 32) in [0, 1] from a loaded policy through sampling.sample (Euler, no CFG)."""
     from solrl_core.sampling import sample
 
-    policy = load_policy(str(weights))
     with torch.no_grad():
         x0 = sample(policy, policy.transformer, policy.encode(prompts), seeds, steps, solver="euler",
                     batch_size=batch_size)
@@ -61,13 +59,15 @@ def sample_images(weights: str | Path, prompts: list[str], seeds: list[int], ste
 
 def evaluate(weights: str | Path = WEIGHTS_DIR, n: int = 64, steps: int = 10, seed: int = 0
              ) -> tuple[dict[str, KindResult], dict[str, torch.Tensor]]:
+    from solrl_core.models import load_policy
     from solrl_core.rewards.shapes import judge
 
+    policy = load_policy(str(weights))
     results, images = {}, {}
     for k, kind in enumerate(KINDS):
         prompts = eval_prompts(kind, n, seed)
         seeds = [seed * 100_000 + k * 10_000 + i for i in range(n)]
-        imgs = sample_images(weights, prompts, seeds, steps)
+        imgs = sample_images(policy, prompts, seeds, steps)
         arrays = (imgs * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         judgements = [judge(a, p) for a, p in zip(arrays, prompts)]
         names = sorted({c for j in judgements for c in j.checks})

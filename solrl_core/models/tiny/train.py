@@ -49,6 +49,7 @@ class TrainConfig:
     preset: str = "default"
     steps: int = 1500
     minutes: float | None = None  # wall-time cap; stopping early is recorded in the log
+    init: str | None = None  # continue from this exported folder (fresh optimizer, EMA from its weights)
     seed: int = 0
     batch_size: int = 48
     lr: float = 5e-4
@@ -117,7 +118,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     model_cfg = PRESETS[cfg.preset]
-    model = build_model(model_cfg)
+    earlier: dict = {}
+    if cfg.init is not None:
+        model = TinyModel.from_pretrained(cfg.init)
+        info = Path(cfg.init) / "training.json"
+        if info.is_file():
+            earlier = json.loads(info.read_text())
+            model_cfg = TinyModelConfig.from_dict(earlier["model"])
+    else:
+        model = build_model(model_cfg)
     params = [p for m in (model.transformer, model.text_encoder) for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -142,6 +151,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         summary = {"steps": step, "batch_size": cfg.batch_size, "minutes": round(minutes, 1),
                    "threads": cfg.threads, "seed": cfg.seed, "final_loss": round(sum(tail) / max(1, len(tail)), 4),
                    "config": asdict(cfg), "model": model_cfg.to_dict()}
+        if earlier:  # totals over the chain of runs this one continues
+            summary["total_steps"] = earlier.get("total_steps", earlier["steps"]) + step
+            summary["total_minutes"] = round(earlier.get("total_minutes", earlier["minutes"]) + minutes, 1)
+            summary["init"] = {k: earlier[k] for k in ("steps", "minutes", "seed", "config") if k in earlier}
         (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
         (out / "training_losses.json").write_text(json.dumps(losses) + "\n")
 
@@ -184,12 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=d.steps)
     ap.add_argument("--minutes", type=float, default=None, help="stop early after this much wall time")
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--init", default=None, help="continue training from an exported folder")
+    ap.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--threads", type=int, default=d.threads)
     ap.add_argument("--save-every", type=int, default=d.save_every)
     a = ap.parse_args(argv)
-    res = train(TrainConfig(out=a.out, preset=a.preset, steps=a.steps, minutes=a.minutes, seed=a.seed,
+    res = train(TrainConfig(out=a.out, preset=a.preset, steps=a.steps, minutes=a.minutes, seed=a.seed, init=a.init,
+                            warmup_steps=a.warmup_steps,
                             batch_size=a.batch_size, lr=a.lr, threads=a.threads, save_every=a.save_every))
     print(f"saved {res.out} after {res.steps_done} steps in {res.seconds / 60:.1f} min", flush=True)
 
