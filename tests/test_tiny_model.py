@@ -66,7 +66,10 @@ def test_reference_sampler_matches_in_range(policy):
     from solrl_core.models.tiny import sample as tiny_sample
 
     x = tiny_sample(model, ["a yellow square"] * 4, [0, 1, 2, 3], steps=10)
-    assert x.shape == (4, 3, 32, 32) and x.abs().max().item() < 1.5  # lands on images in [-1, 1]
+    assert x.shape == (4, 3, 32, 32)
+    assert (x.abs() < 1.2).float().mean().item() > 0.99  # lands on images in [-1, 1]
+    background = 20 / 127.5 - 1  # scenes.BACKGROUND is (20, 20, 20)
+    assert (x - background).abs().median().item() < 0.15  # mostly dark background, as drawn
 
 
 @pytest.mark.xfail(reason="shipped weights are under-trained (single-object pass rate well below 0.6): "
