@@ -114,8 +114,10 @@ def write_report(results: dict[str, KindResult], weights: Path, n: int, steps: i
     lines += ["", "Check columns: pass rate of each check among the prompts that have it.", "",
               f"Weights: {weights_size_bytes(weights) / 1e6:.1f} MB of fp32 safetensors."]
     if info:
-        lines.append(f"Training: {info['steps']} steps of batch {info['batch_size']} in {info['minutes']:.0f} min "
-                     f"on {info['threads']} CPU threads (seed {info['seed']}).")
+        steps, minutes = info.get("total_steps", info["steps"]), info.get("total_minutes", info["minutes"])
+        chain = " (a chain of runs, each continuing the last with --init)" if "init" in info else ""
+        lines.append(f"Training: {steps} steps of batch {info['batch_size']} in {minutes:.0f} min on "
+                     f"{info['threads']} CPU thread(s){chain}.")
     lines += ["", f"![samples]({grid.name})", "",
               "Rows of the grid: " + ", ".join(f"{k} (first prompts: {', '.join(r.prompts[:3])}, ...)"
                                               for k, r in results.items()) + "."]
