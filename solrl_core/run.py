@@ -22,6 +22,7 @@ from .graph.rundir import check_writable, default_run_dir, write_run_header
 from .graph.validate import validate
 from .graph.workflow import ApiGraph, api_to_ui, dump_json, load_workflow
 from .ops.registry import all_ops
+from .train import distributed as dp
 
 log = logging.getLogger("solrl")
 
@@ -57,6 +58,13 @@ class CliContext(RunContext):
             self._loop_bar.n = self._loop_bar.total
             self._loop_bar.close()
         self._status.close()
+
+
+class QuietContext(RunContext):
+    """Ranks other than 0: no progress bars, no console output."""
+
+    def close(self) -> None:
+        pass
 
 
 class _TqdmBar:
@@ -127,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    for h in logging.getLogger().handlers:  # the console shows warnings; status lines go through tqdm
+        h.setLevel(logging.DEBUG if args.debug else logging.WARNING)
     if args.threads:
         import torch
 
@@ -160,12 +170,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _execute(graph: ApiGraph, args: argparse.Namespace, run_dir: Path, argv: list[str]) -> int:
-    write_run_header(run_dir, graph, args.workflow, ["python", "-m", "solrl_core.run", *argv])
-    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    # Under torchrun every rank runs the workflow on its share of the prompts; rank 0 owns the files.
+    dp.init_from_env()
+    run_dir = Path(dp.broadcast(str(run_dir)))
+    main_rank = dp.is_main()
+    if main_rank:
+        write_run_header(run_dir, graph, args.workflow, ["python", "-m", "solrl_core.run", *argv])
+    dp.barrier()
+    handler: logging.Handler = (logging.FileHandler(run_dir / "run.log", encoding="utf-8") if main_rank
+                                else logging.NullHandler())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if args.debug else logging.INFO)
-    ctx = CliContext(run_dir=run_dir)
+    ctx = CliContext(run_dir=run_dir) if main_rank else QuietContext(run_dir=run_dir)
 
     def on_sigint(signum: int, frame: Any) -> None:  # stop at the next node boundary / safe point
         if ctx.interrupt_event.is_set():
@@ -193,7 +210,9 @@ def _execute(graph: ApiGraph, args: argparse.Namespace, run_dir: Path, argv: lis
         ctx.close()
         log.removeHandler(handler)
         handler.close()
-    if code == 0:
+    if dp.is_distributed():
+        dp.destroy()
+    if code == 0 and main_rank:
         print(f"done: {run_dir}")
     elif code == 130:
         print(f"interrupted: resume with --run-dir {run_dir}", file=sys.stderr)

@@ -71,6 +71,8 @@ def test_always_run_nodes_are_never_cached(pack):
     cls = pack.NODE_CLASS_MAPPINGS["SolRLLogMetric"]
     v = cls.IS_CHANGED()
     assert v != v  # NaN
+    # A fresh object each call: ComfyUI compares cache keys by identity before equality.
+    assert cls.IS_CHANGED() is not cls.IS_CHANGED()
 
 
 def test_engine_never_imports_comfyui_and_uses_relative_imports():

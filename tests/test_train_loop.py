@@ -161,3 +161,14 @@ def test_bad_settings_fail_before_compute(tmp_path, model_dir, capsys, overrides
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and fragment in err and "node " in err, err
     assert not run_dir.exists()
+
+
+def test_finished_run_queued_again_trains_nothing(tmp_path, model_dir):
+    run_dir = tmp_path / "run"
+    wf = _workflow(tmp_path, replace(SMALL, model=model_dir, iterations=1))
+    assert main([str(wf), "--run-dir", str(run_dir)]) == 0
+    before = _state(run_dir)[0]
+    assert main([str(wf), "--run-dir", str(run_dir)]) == 0
+    assert [r["iteration"] for r in _rows(run_dir)] == [0]
+    after = _state(run_dir)[0]
+    assert all(torch.equal(before[k], after[k]) for k in before)

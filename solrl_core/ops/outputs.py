@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from ..graph.context import current_context
+from ..train import distributed as dp
 from ..train.report import metrics_plot, preview_grid
 from .registry import register
 from .spec import Input, OpSpec, Output
@@ -25,6 +26,8 @@ def _ui(img: Image.Image, path) -> dict:
 
 def preview_op(samples, max_prompts: int = 4, scale: int = 4) -> dict:
     session = samples.session
+    if not dp.is_main() or not samples.prompts:  # files are written by rank 0; nothing when the run is done
+        return {"result": (samples, torch.zeros(1, 1, 1, 3))}
     grid = preview_grid(samples, max_prompts=max_prompts, scale=scale)
     path = session.run_dir / "previews" / f"iter-{session.iteration:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,6 +53,8 @@ register(OpSpec(
 
 
 def plot_metrics_op(trainer, metric: str = "reward_mean") -> dict:
+    if not dp.is_main():
+        return {"result": (torch.zeros(1, 1, 1, 3),)}
     img = metrics_plot(trainer.metrics, metric)
     path = trainer.run_dir / f"{metric}.png"
     img.save(path)
@@ -74,6 +79,8 @@ register(OpSpec(
 def save_lora_op(trainer, weights: str = "ema", filename: str = "sol_rl_lora") -> dict:
     from ..train.export import save_lora
 
+    if not dp.is_main():
+        return {"result": (trainer, "")}
     paths = save_lora(trainer, weights, filename)
     current_context().status("saved " + ", ".join(str(p) for p in paths))
     return {"ui": {"text": [str(p) for p in paths]}, "result": (trainer, str(paths[0]))}

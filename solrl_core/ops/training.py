@@ -337,6 +337,10 @@ def nft_update_op(samples, lr: float, beta: float, kl_coef: float, train_fractio
     from ..train.stages import UpdateSettings, update
 
     session = samples.session
+    if not samples.prompts:  # the run had already reached total_iterations
+        text = f"run complete: {session.iteration}/{session.config.total_iterations} iterations"
+        current_context().status(text)
+        return {"ui": {"text": [text]}, "result": (session, True, text)}
     settings = UpdateSettings(lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, beta=beta, kl_coef=kl_coef,
                               train_fraction=train_fraction, micro_batch=micro_batch)
     stats = update(samples, settings)

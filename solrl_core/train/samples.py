@@ -27,6 +27,7 @@ class SampleBatch:
     pool_seeds: Tensor | None = None  # [P, N] the whole draft pool (for the fidelity audit)
     pool_rewards: Tensor | None = None  # [P, N]
     images: Tensor | None = None  # [P, M, 3, H, W] in [0, 1], for previews
+    prompt_ids: list[int] = field(default_factory=list)  # each row's position in the iteration's prompts
 
     def __post_init__(self) -> None:
         track = getattr(self.session, "track", None)

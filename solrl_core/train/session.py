@@ -30,6 +30,7 @@ from ..models import (
     refresh_inference_copy,
 )
 from ..quant import DEFAULT_SKIP, QuantConfig, quantize_model, requantize_model
+from . import distributed as dp
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
 from .prompts import PromptCursor
 
@@ -105,12 +106,14 @@ class TrainingSession:
         for name in (TRAINED, SAMPLING):
             load_adapter_state(self.policy.transformer, name, initial)
         self.ema = {k: v.clone() for k, v in initial.items()}
-        shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)  # "new" replaces an old run
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "session.json", json.dumps(asdict(self.config), indent=1) + "\n")
-        metrics = self.run_dir / METRICS_FILE
-        if metrics.exists():  # a new run in an old directory starts its metrics afresh
-            atomic_write_text(metrics, "")
+        if dp.is_main():
+            shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)  # "new" replaces an old run
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "session.json", json.dumps(asdict(self.config), indent=1) + "\n")
+            metrics = self.run_dir / METRICS_FILE
+            if metrics.exists():  # a new run in an old directory starts its metrics afresh
+                atomic_write_text(metrics, "")
+        dp.barrier()
 
     def _restore(self, path: Path) -> None:
         tensors, optimizer, meta = load_checkpoint(path)
@@ -131,8 +134,9 @@ class TrainingSession:
         if optimizer is not None and self.optimizer_settings is not None:
             self.make_optimizer(self.optimizer_settings).load_state_dict(optimizer)
         # metrics.jsonl may hold rows of an iteration that never reached its checkpoint.
-        atomic_write_text(self.run_dir / METRICS_FILE,
-                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.metrics))
+        if dp.is_main():
+            atomic_write_text(self.run_dir / METRICS_FILE,
+                              "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.metrics))
         log.info("resumed %s at iteration %d", self.run_dir, self.iteration)
 
     # --- randomness -----------------------------------------------------------------------
@@ -171,7 +175,8 @@ class TrainingSession:
                                  weight_tile=weight_tile, cache_dequantized=cache_dequantized)
                 rep = quantize_model(explorer, qc, backend=backend)
                 choice_name, reason, report = rep.backend, rep.backend_reason, rep.to_dict()
-                atomic_write_text(self.run_dir / "quant_report.json", json.dumps(report, indent=1) + "\n")
+                if dp.is_main():
+                    atomic_write_text(self.run_dir / "quant_report.json", json.dumps(report, indent=1) + "\n")
                 log.info("explorer: %s", rep.summary())
             self.copies = InferenceCopies(regen, explorer, choice_name, reason, report)
         elif self.copies_iteration != self.iteration:
@@ -230,10 +235,12 @@ class TrainingSession:
         tensors.update({f"{EMA}.{k}": v for k, v in self.ema.items()})
         meta = {"config": asdict(self.config), "iteration": self.iteration, "cursor": asdict(self.cursor),
                 "metrics": self.metrics, "optimizer_settings": self.optimizer_settings}
-        save_checkpoint(self.run_dir, self.iteration, tensors,
-                        self.optimizer.state_dict() if self.optimizer is not None else None, meta)
-        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        if dp.is_main():  # every rank holds the same weights and optimizer state
+            save_checkpoint(self.run_dir, self.iteration, tensors,
+                            self.optimizer.state_dict() if self.optimizer is not None else None, meta)
+            with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+        dp.barrier()
         for ref in self._batches:
             batch = ref()
             if batch is not None:

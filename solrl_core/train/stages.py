@@ -20,6 +20,7 @@ from ..graph.context import current_context
 from ..models import adapter_state, adapters_disabled, load_adapter_state, use_adapter
 from ..models.lora import trainable_parameters
 from ..sampling import sample
+from . import distributed as dp
 from .advantages import advantages
 from .audit import ranking_agreement
 from .nft import nft_loss, noised
@@ -30,6 +31,7 @@ from .session import SAMPLING, TRAINED, TrainingSession
 
 
 def _stats(prefix: str, values: Tensor) -> dict[str, float]:
+    values = dp.gather_cat(values.flatten())  # statistics of the whole batch, over all ranks
     finite = values[torch.isfinite(values)]
     if finite.numel() == 0:
         return {f"{prefix}_mean": math.nan}
@@ -66,32 +68,43 @@ def _generate(session: TrainingSession, precision: str, prompts: list[str], seed
     return x0.reshape(p, m, *x0.shape[1:])
 
 
-def _scored_batch(session, reward, prompts, seeds, latents, precision, steps) -> SampleBatch:
+def _scored_batch(session, reward, prompts, seeds, latents, precision, steps, prompt_ids) -> SampleBatch:
     p, m = seeds.shape
     flat_prompts = [prompts[i] for i in range(p) for _ in range(m)]
     total, comps, images = score(session, reward, latents.flatten(0, 1), flat_prompts)
     return SampleBatch(session, prompts, seeds, latents, total.reshape(p, m),
                        {k: v.reshape(p, m) for k, v in comps.items()}, precision, steps,
-                       images=images.reshape(p, m, *images.shape[1:]))
+                       images=images.reshape(p, m, *images.shape[1:]), prompt_ids=list(prompt_ids))
 
 
 def explore(session: TrainingSession, reward, prompts_per_iteration: int, pool: int, steps: int,
             precision: str = "low", batch_size: int = 32) -> SampleBatch:
     start = time.perf_counter()
-    prompts = session.next_prompts(prompts_per_iteration)
-    seeds = session.draw_seeds(len(prompts), pool)
+    if session.done:  # a finished run queued again: nothing to sample, nothing to train
+        empty = torch.zeros(0, pool)
+        return SampleBatch(session, [], empty.long(), empty, empty, precision=precision, steps=steps)
+    if prompts_per_iteration < dp.world_size():
+        raise ValueError(f"prompts_per_iteration={prompts_per_iteration} is below the number of ranks "
+                         f"({dp.world_size()}): every rank needs at least one prompt")
+    all_prompts = session.next_prompts(prompts_per_iteration)
+    all_seeds = session.draw_seeds(len(all_prompts), pool)
+    rows = dp.local_rows(len(all_prompts))  # this rank's prompts; seeds as one process would draw them
+    prompts, seeds = [all_prompts[i] for i in rows], all_seeds[rows]
     latents = _generate(session, precision, prompts, seeds, steps, batch_size, f"explore ({precision})")
-    batch = _scored_batch(session, reward, prompts, seeds, latents, precision, steps)
+    batch = _scored_batch(session, reward, prompts, seeds, latents, precision, steps, rows)
     session.pending.update(_stats("draft_reward", batch.rewards))
-    session.pending["draft_dropped"] = int((~torch.isfinite(batch.rewards)).sum())
+    session.pending["draft_dropped"] = int(dp.sum_((~torch.isfinite(batch.rewards)).sum()))
     session.pending["time_explore"] = time.perf_counter() - start
     return batch
 
 
 def rank(batch: SampleBatch, keep: int, mode: str = "best_worst") -> SampleBatch:
+    if not batch.prompts:
+        return batch
     start = time.perf_counter()
     session: TrainingSession = batch.session
-    idx = select(batch.rewards, keep, mode, generator=session.generator("select"))
+    idx = torch.cat([select(batch.rewards[i:i + 1], keep, mode, generator=session.generator(f"select/{pid}"))
+                     for i, pid in enumerate(batch.prompt_ids)])
     kept = batch.subset(idx)
     session.pending.update(_stats("kept_proxy_reward", kept.rewards))
     session.pending["time_select"] = time.perf_counter() - start
@@ -100,10 +113,12 @@ def rank(batch: SampleBatch, keep: int, mode: str = "best_worst") -> SampleBatch
 
 def regenerate(batch: SampleBatch, reward, steps: int, batch_size: int = 32, audit_every: int = 0,
                audit_size: int = 16) -> SampleBatch:
+    if not batch.prompts:
+        return batch
     session: TrainingSession = batch.session
     start = time.perf_counter()
     latents = _generate(session, "full", batch.prompts, batch.seeds, steps, batch_size, "regenerate")
-    out = _scored_batch(session, reward, batch.prompts, batch.seeds, latents, "full", steps)
+    out = _scored_batch(session, reward, batch.prompts, batch.seeds, latents, "full", steps, batch.prompt_ids)
     out.proxy_rewards, out.pool_seeds, out.pool_rewards = batch.rewards, batch.pool_seeds, batch.pool_rewards
     session.pending.update(_stats("reward", out.rewards))
     for name, comp in out.components.items():
@@ -122,12 +137,12 @@ def audit(session: TrainingSession, batch: SampleBatch, reward, steps: int, size
     pool_seeds, pool_rewards = batch.pool_seeds, batch.pool_rewards
     n = pool_seeds.shape[1]
     size = min(size, n)
-    g = session.generator("audit")
-    idx = torch.stack([torch.sort(torch.randperm(n, generator=g)[:size]).values for _ in range(len(batch.prompts))])
+    idx = torch.stack([torch.sort(torch.randperm(n, generator=session.generator(f"audit/{pid}"))[:size]).values
+                       for pid in batch.prompt_ids])
     seeds = torch.gather(pool_seeds, 1, idx)
     proxy = torch.gather(pool_rewards, 1, idx)
     latents = _generate(session, "full", batch.prompts, seeds, steps, batch_size, "audit")
-    full = _scored_batch(session, reward, batch.prompts, seeds, latents, "full", steps).rewards
+    full = _scored_batch(session, reward, batch.prompts, seeds, latents, "full", steps, batch.prompt_ids).rewards
     stats = {f"audit_{k}": v for k, v in ranking_agreement(proxy, full, k=max(1, size // 4)).items()}
     stats["time_audit"] = time.perf_counter() - start
     return stats
@@ -162,28 +177,34 @@ def update(batch: SampleBatch, s: UpdateSettings,
         session.pending.setdefault(key, value)
     session.pending["train_precision"] = batch.precision
     _, r_opt = advantages(batch.rewards)
+    p_local, m = batch.shape
     valid = torch.isfinite(r_opt).flatten()
-    flat_prompts = [batch.prompts[i] for i in range(batch.shape[0]) for _ in range(batch.shape[1])]
+    # A sample's global id fixes its timesteps and noise, whichever rank trains it.
+    ids = [batch.prompt_ids[i] * m + j for i in range(p_local) for j in range(m)]
+    ids = [g for g, ok in zip(ids, valid.tolist()) if ok]
+    flat_prompts = [batch.prompts[i] for i in range(p_local) for _ in range(m)]
     prompts = [p for p, ok in zip(flat_prompts, valid.tolist()) if ok]
     x0_all = batch.latents.flatten(0, 1)[valid].to(policy.device, torch.float32)
     r_all = r_opt.flatten()[valid]
     n = x0_all.shape[0]
-    stats = {"dropped": int((~valid).sum()), "skipped_nonfinite": 0}
+    stats = {"dropped": int(dp.sum_(torch.tensor((~valid).sum().item()))), "skipped_nonfinite": 0}
     optimizer = session.get_optimizer(s.optimizer())
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, kl_sum, pairs_done = 0.0, 0.0, 0
+    params = trainable_parameters(model, TRAINED)
+    rollout_sigmas = policy.sigmas(batch.steps, *policy.image_size_of(batch.latents[0, :1]))[:-1].float()
+    t_train = max(1, int(len(rollout_sigmas) * s.train_fraction))
+    n_local_pairs = math.ceil(n / s.micro_batch) * t_train
+    n_pairs = int(dp.sum_(torch.tensor(n_local_pairs)))  # the loss is a mean over all ranks' pairs
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, kl, pairs done
     if n > 0:
-        rollout_sigmas = policy.sigmas(batch.steps, *policy.image_size_of(x0_all[:1]))[:-1].float()
-        t_train = max(1, int(len(rollout_sigmas) * s.train_fraction))
-        g = session.generator("train")
-        choice = torch.stack([torch.randperm(len(rollout_sigmas), generator=g)[:t_train] for _ in range(n)])
+        gens = {g: session.generator(f"train/{g}") for g in ids}
+        choice = torch.stack([torch.randperm(len(rollout_sigmas), generator=gens[g])[:t_train] for g in ids])
         # Clones: hosts may have made these under inference mode, which autograd cannot save.
         cond_all = policy.encode(prompts)._map(torch.clone)
         x0_all = x0_all.clone()
-        n_pairs = math.ceil(n / s.micro_batch) * t_train
-        bar = ctx.progress(n_pairs, "NFT update")
-        params = trainable_parameters(model, TRAINED)
+        bar = ctx.progress(n_local_pairs, "NFT update")
         model.train()
+        done = 0
         for b0 in range(0, n, s.micro_batch):
             x0 = x0_all[b0:b0 + s.micro_batch]
             cond = cond_all.index(list(range(b0, b0 + x0.shape[0])))
@@ -191,7 +212,8 @@ def update(batch: SampleBatch, s: UpdateSettings,
             for j in range(t_train):
                 ctx.check_interrupt()
                 t = rollout_sigmas[choice[b0:b0 + x0.shape[0], j]].to(policy.device)
-                eps = torch.randn(x0.shape, generator=g).to(policy.device)
+                eps = torch.cat([torch.randn((1, *x0.shape[1:]), generator=gens[g])
+                                 for g in ids[b0:b0 + x0.shape[0]]]).to(policy.device)
                 x_t = noised(x0, eps, t)
                 with torch.no_grad():
                     with use_adapter(model, SAMPLING):
@@ -202,27 +224,30 @@ def update(batch: SampleBatch, s: UpdateSettings,
                             v_ref = policy.velocity(model, x_t, t, cond).float()
                 v = policy.velocity(model, x_t, t, cond).float()
                 out = nft_loss(v, v_old, v_ref, x_t, x0, t, r, beta=s.beta, kl_coef=s.kl_coef)
-                loss = out.loss / n_pairs
-                if not torch.isfinite(loss):
+                if not torch.isfinite(out.loss):
                     stats["skipped_nonfinite"] += 1
                 else:
-                    loss.backward()
-                    loss_sum += out.loss.item()
-                    kl_sum += out.kl.item()
-                    pairs_done += 1
-                bar.update(pairs_done + stats["skipped_nonfinite"], n_pairs)
+                    (out.loss / n_pairs).backward()
+                    sums += torch.tensor([out.loss.item(), out.kl.item(), 1.0], dtype=torch.float64)
+                done += 1
+                bar.update(done, n_local_pairs)
                 if on_pair is not None:
-                    on_pair(pairs_done, n_pairs)
+                    on_pair(done, n_local_pairs)
         bar.close()
         model.eval()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip).item()
-        stats["grad_norm"] = grad_norm
-        if pairs_done and math.isfinite(grad_norm):
-            optimizer.step()
-            stats["stepped"] = 1
-        else:
-            stats["stepped"] = 0
-        optimizer.zero_grad(set_to_none=True)
+    for p in params:  # ranks with nothing to train still take part in the sums
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dp.sum_(p.grad)
+    dp.sum_(sums)
+    stats["skipped_nonfinite"] = int(dp.sum_(torch.tensor(stats["skipped_nonfinite"])))
+    loss_sum, kl_sum, pairs_done = sums[0].item(), sums[1].item(), int(sums[2].item())
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip).item()
+    stats["grad_norm"] = grad_norm
+    stats["stepped"] = int(bool(pairs_done) and math.isfinite(grad_norm))
+    if stats["stepped"]:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     stats["loss"] = loss_sum / pairs_done if pairs_done else math.nan
     stats["kl"] = kl_sum / pairs_done if pairs_done else math.nan
     # Sampling policy follows the trained one (fully on-policy at first), then the EMA.
