@@ -156,3 +156,10 @@ def batch_sigma(sigma: Tensor | float, batch: int, device: torch.device) -> Tens
     """A [B] float32 sigma from a scalar or [B] input."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
     return sigma.expand(batch) if sigma.ndim == 0 else sigma
+
+
+def decode_shifted_kl(vae: nn.Module, latents: Tensor) -> Tensor:
+    """Images in [0, 1] from latents of a KL VAE with scaling and shift factors (FLUX.1, SD3)."""
+    z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    images = vae.decode(z, return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning, FlowPolicy, batch_sigma
+from .base import Conditioning, FlowPolicy, batch_sigma, decode_shifted_kl
 from .schedules import flux_shift_mu, scheduler_sigmas
 
 
@@ -71,9 +71,7 @@ class FluxPolicy(FlowPolicy):
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        images = self.vae.decode(z, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return decode_shifted_kl(self.vae, latents)
 
     def sigmas(self, steps: int, height: int | None = None, width: int | None = None) -> Tensor:
         """Linear sigmas 1 -> 1/steps, shifted by the resolution-dependent mu, then 0 (FluxPipeline)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning, FlowPolicy, batch_sigma
+from .base import Conditioning, FlowPolicy, batch_sigma, decode_shifted_kl
 from .schedules import flux_shift_mu, scheduler_sigmas
 
 
@@ -64,9 +64,7 @@ class SD3Policy(FlowPolicy):
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        images = self.vae.decode(z, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return decode_shifted_kl(self.vae, latents)
 
     def sigmas(self, steps: int, height: int | None = None, width: int | None = None) -> Tensor:
         """The scheduler's default schedule (SD3.5: shift 3.0), as StableDiffusion3Pipeline uses it."""
