@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from solrl_core.scenes import DEFAULT_SIZE, render, sample_scene
+from ...scenes import DEFAULT_SIZE, render, sample_scene
 
 # Mostly single objects (the skill the model must have), enough compositions to learn their shape.
 DEFAULT_KIND_WEIGHTS: dict[str, float] = {"single": 0.5, "count": 0.25, "relation": 0.25}

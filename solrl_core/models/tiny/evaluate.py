@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from solrl_core.scenes import KINDS, all_specs, caption
-
+from ...scenes import KINDS, all_specs, caption
 from .flow import WEIGHTS_DIR
 
 RESULTS_DIR = Path("benchmarks/results")
@@ -49,7 +48,7 @@ def eval_prompts(kind: str, n: int, seed: int = 0) -> list[str]:
 def sample_images(policy, prompts: list[str], seeds: list[int], steps: int = 10,
                   batch_size: int = 64) -> torch.Tensor:
     """Images (B, 3, 32, 32) in [0, 1] from a loaded policy through sampling.sample (Euler, no CFG)."""
-    from solrl_core.sampling import sample
+    from ...sampling import sample
 
     with torch.no_grad():
         x0 = sample(policy, policy.transformer, policy.encode(prompts), seeds, steps, solver="euler",
@@ -59,8 +58,8 @@ def sample_images(policy, prompts: list[str], seeds: list[int], steps: int = 10,
 
 def evaluate(weights: str | Path = WEIGHTS_DIR, n: int = 64, steps: int = 10, seed: int = 0
              ) -> tuple[dict[str, KindResult], dict[str, torch.Tensor]]:
-    from solrl_core.models import load_policy
-    from solrl_core.rewards.shapes import judge
+    from ...rewards.shapes import judge
+    from .. import load_policy
 
     policy = load_policy(str(weights))
     results, images = {}, {}
