@@ -15,6 +15,7 @@ BUILTIN = {
     "shapes_count": ("count",),
     "shapes_relation": ("relation",),
     "shapes_compositional": ("count", "relation"),
+    "shapes_objects": ("single", "count"),
     "shapes_all": ("single", "count", "relation"),
 }
 

@@ -150,7 +150,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         tail = losses[-100:]
         summary = {"steps": step, "batch_size": cfg.batch_size, "minutes": round(minutes, 1),
                    "threads": cfg.threads, "seed": cfg.seed, "final_loss": round(sum(tail) / max(1, len(tail)), 4),
-                   "config": asdict(cfg), "model": model_cfg.to_dict()}
+                   "config": _portable(asdict(cfg)), "model": model_cfg.to_dict()}
         if earlier:  # totals over the chain of runs this one continues
             summary["total_steps"] = earlier.get("total_steps", earlier["steps"]) + step
             summary["total_minutes"] = round(earlier.get("total_minutes", earlier["minutes"]) + minutes, 1)
@@ -208,6 +208,11 @@ def main(argv: list[str] | None = None) -> None:
                             warmup_steps=a.warmup_steps,
                             batch_size=a.batch_size, lr=a.lr, threads=a.threads, save_every=a.save_every))
     print(f"saved {res.out} after {res.steps_done} steps in {res.seconds / 60:.1f} min", flush=True)
+
+
+def _portable(config: dict) -> dict:
+    """The training settings without this machine's folders (only their names are kept)."""
+    return {**config, **{k: Path(config[k]).name for k in ("out", "init") if config.get(k)}}
 
 
 if __name__ == "__main__":
