@@ -101,13 +101,13 @@ def training_graph(r: Recipe) -> ApiGraph:
 
 # The paper's settings (algorithm.md sections 1 and 3) for the real models; the quickstart is sized
 # to finish in minutes on a laptop CPU with the embedded model.
-QUICKSTART = Recipe(run_name="quickstart", prompts="shapes_all", iterations=12, prompts_per_iteration=4,
-                    candidates=16, keep=4, draft_steps=4, full_steps=8, min_dim=0, lr=1e-3,
+QUICKSTART = Recipe(run_name="quickstart", prompts="shapes_objects", iterations=30, prompts_per_iteration=8,
+                    candidates=16, keep=8, draft_steps=4, full_steps=8, min_dim=0, lr=1e-3,
                     lora_rank=16, lora_alpha=16.0, micro_batch=16, batch_size=64)
 PAPER = dict(reward="pickscore:1,hpsv2:1,clipscore:1", prompts="prompts/general.txt", iterations=300)
 RECIPES: dict[str, tuple[Recipe, str]] = {
-    "quickstart": (QUICKSTART, "Sol-RL on the embedded tiny model with the rule-based shapes reward: 12 "
-                   "iterations of 4 prompts x 16 drafts, keep the 2 best and 2 worst, regenerate, NFT update. "
+    "quickstart": (QUICKSTART, "Sol-RL on the embedded tiny model with the rule-based shapes reward: 30 "
+                   "iterations of 8 prompts x 16 drafts, keep the 4 best and 4 worst, regenerate, NFT update. "
                    "Runs on a laptop CPU in minutes; watch reward_mean rise in Plot Metrics."),
     "sol_rl_sana": (Recipe(model="Efficient-Large-Model/Sana_1600M_1024px_diffusers", run_name="sol_rl_sana",
                            train_fraction=0.6, **PAPER),
