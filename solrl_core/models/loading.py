@@ -38,6 +38,25 @@ def load_policy(source: str, family: str = "auto", device: torch.device | str = 
     """
     if family not in ("auto", *FAMILIES):
         raise ValueError(f"unknown model family {family!r}: use 'auto' or one of {', '.join(FAMILIES)}")
+    root, transformer_file = resolve_source(source, base, cache_dir)
+    index = json.loads((root / "model_index.json").read_text())
+    fam = detect_family(root, index) if family == "auto" else family
+    options = {**_read_settings(root), **settings}
+    components = _load_components(root, index, fam, dtype, transformer_file)
+    policy = _build(fam, components, device, dtype, str(transformer_file or source), options)
+    policy.transformer.to(device)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+        module = getattr(policy, name, None)
+        if module is not None:
+            module.to(device).eval().requires_grad_(False)
+    return policy
+
+
+def resolve_source(source: str, base: str | None = None, cache_dir: str | None = None) -> tuple[Path, Path | None]:
+    """(pipeline folder, single-file transformer or None) for a source; raises ModelNotFoundError.
+
+    Cheap (reads no weights): workflow validation calls it before any compute.
+    """
     transformer_file: Path | None = None
     if source == "embedded":
         root = _require_pipeline_dir(EMBEDDED_DIR, "the embedded tiny model",
@@ -53,18 +72,7 @@ def load_policy(source: str, family: str = "auto", device: torch.device | str = 
         root = resolve_model_dir(base, cache_dir)
     else:
         root = resolve_model_dir(source, cache_dir)
-
-    index = json.loads((root / "model_index.json").read_text())
-    fam = detect_family(root, index) if family == "auto" else family
-    options = {**_read_settings(root), **settings}
-    components = _load_components(root, index, fam, dtype, transformer_file)
-    policy = _build(fam, components, device, dtype, str(transformer_file or source), options)
-    policy.transformer.to(device)
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
-        module = getattr(policy, name, None)
-        if module is not None:
-            module.to(device).eval().requires_grad_(False)
-    return policy
+    return root, transformer_file
 
 
 def resolve_model_dir(source: str, cache_dir: str | None = None) -> Path:

@@ -43,18 +43,10 @@ def _model_source(model: str) -> str:
 
 
 def _check_policy(inputs: dict[str, Any], linked: dict[str, dict]) -> None:
-    from ..models.loading import EMBEDDED_DIR, _require_pipeline_dir, resolve_model_dir
+    from ..models.loading import resolve_source
 
-    source, base = _model_source(inputs.get("model", "embedded")), inputs.get("base", "")
-    if source == "embedded":
-        _require_pipeline_dir(EMBEDDED_DIR, "the embedded tiny model", "reinstall the package")
-    elif Path(source).is_file():
-        if not base:
-            raise InputError("base", f"{source} is a single-file transformer: set 'base' to the diffusers "
-                                     "folder or cached repo id that provides its text encoders and VAE")
-        resolve_model_dir(_model_source(base))
-    else:
-        resolve_model_dir(source)
+    base = inputs.get("base", "")
+    resolve_source(_model_source(inputs.get("model", "embedded")), _model_source(base) if base else None)
 
 
 def load_policy_op(model: str, family: str, device: str, dtype: str, base: str = "") -> tuple:
