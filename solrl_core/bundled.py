@@ -63,6 +63,8 @@ class Recipe:
     lora_alpha: float = 64.0
     batch_size: int = 32
     audit_every: int = 0
+    eval_every: int = 0  # held-out reward on fixed prompts and seeds (0: off)
+    eval_prompts: int = 8
     seed: int = 0
 
 
@@ -89,6 +91,9 @@ def training_graph(r: Recipe) -> ApiGraph:
     if r.regenerate:
         samples = b.add("SolRLBF16Regenerator", kept=samples.out(0), reward=reward.out(0), steps=r.full_steps,
                         batch_size=r.batch_size, audit_every=r.audit_every, audit_size=16)
+    if r.eval_every:
+        samples = b.add("SolRLEvaluate", samples=samples.out(0), reward=reward.out(0), steps=r.full_steps,
+                        prompts=r.eval_prompts, per_prompt=4, every=r.eval_every)
     preview = b.add("SolRLPreview", samples=samples.out(0), max_prompts=4, scale=4)
     update = b.add("SolRLNFTUpdate", samples=preview.out("samples"), lr=r.lr, beta=r.beta, kl_coef=r.kl_coef,
                    train_fraction=r.train_fraction, grad_clip=r.grad_clip, micro_batch=r.micro_batch)
@@ -102,7 +107,8 @@ def training_graph(r: Recipe) -> ApiGraph:
 # The paper's settings (algorithm.md sections 1 and 3) for the real models; the quickstart is sized
 # to finish in minutes on a laptop CPU with the embedded model.
 QUICKSTART = Recipe(run_name="quickstart", prompts="shapes_objects", iterations=30, prompts_per_iteration=8,
-                    candidates=16, keep=8, draft_steps=4, full_steps=8, min_dim=0, lr=1e-3,
+                    candidates=16, keep=8, draft_steps=4, full_steps=8, min_dim=0, lr=1e-3, eval_every=3,
+                    eval_prompts=15,
                     lora_rank=16, lora_alpha=16.0, micro_batch=16, batch_size=64)
 PAPER = dict(reward="pickscore:1,hpsv2:1,clipscore:1", prompts="prompts/general.txt", iterations=300)
 RECIPES: dict[str, tuple[Recipe, str]] = {

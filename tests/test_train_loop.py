@@ -172,3 +172,14 @@ def test_finished_run_queued_again_trains_nothing(tmp_path, model_dir):
     assert [r["iteration"] for r in _rows(run_dir)] == [0]
     after = _state(run_dir)[0]
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_held_out_reward_uses_fixed_prompts_and_seeds(tmp_path, model_dir):
+    run_dir = tmp_path / "run"
+    wf = _workflow(tmp_path, replace(SMALL, model=model_dir, iterations=3, lr=0.0, kl_coef=0.0, eval_every=2,
+                                     eval_prompts=3))
+    assert main([str(wf), "--run-dir", str(run_dir)]) == 0
+    rows = _rows(run_dir)
+    assert [("eval_reward_mean" in r) for r in rows] == [True, False, True]
+    # Nothing learned (lr 0): the same prompts and seeds give exactly the same held-out reward.
+    assert rows[0]["eval_reward_mean"] == rows[2]["eval_reward_mean"]

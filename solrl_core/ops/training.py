@@ -323,6 +323,33 @@ register(OpSpec(
 ))
 
 
+# --- Evaluate ------------------------------------------------------------------------------
+def evaluate_op(samples, reward, steps: int, prompts: int, per_prompt: int, every: int) -> tuple:
+    from ..train.stages import evaluate
+
+    return (evaluate(samples, reward, steps, prompts, per_prompt, every),)
+
+
+register(OpSpec(
+    id="SolRLEvaluate", display_name="Held-out Reward", category=CAT,
+    description="Every 'every' iterations, samples a fixed set of prompts and seeds with the full-precision "
+                "sampling policy and logs their reward (eval_reward_*): a curve free of the prompt-to-prompt "
+                "noise of training batches, and a check against reward hacking when its reward differs from "
+                "the training one. Samples pass through unchanged.",
+    inputs=(
+        Input("samples", SAMPLES),
+        Input("reward", REWARD, tooltip="Often a different reward than the training one."),
+        Input("steps", "INT", 10, min=1, max=1000),
+        Input("prompts", "INT", 8, min=1, max=4096, tooltip="The first prompts of the prompt set."),
+        Input("per_prompt", "INT", 4, min=1, max=1024, tooltip="Fixed seeds per prompt."),
+        Input("every", "INT", 1, min=0, max=10**6, tooltip="0: off."),
+    ),
+    outputs=(Output("samples", SAMPLES),),
+    function=evaluate_op,
+    always_run=True,
+))
+
+
 # --- NFT Update -------------------------------------------------------------------------------
 def nft_update_op(samples, lr: float, beta: float, kl_coef: float, train_fraction: float, grad_clip: float,
                   micro_batch: int, weight_decay: float = 1e-4) -> dict:

@@ -48,13 +48,15 @@ def metrics_plot(rows: list[dict[str, Any]], metric: str = "reward_mean", title:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    series = [metric] + (["draft_reward_mean"] if metric == "reward_mean" else [])
+    series = [metric] + (["draft_reward_mean", "eval_reward_mean"] if metric == "reward_mean" else [])
     for key in series:
         pts = [(r["iteration"] + 1, r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o", ms=3, label={"reward_mean": "regenerated (full precision)",
-                                                     "draft_reward_mean": "drafts (low precision)"}.get(key, key))
+                                                     "draft_reward_mean": "drafts (low precision)",
+                                                     "eval_reward_mean": "held-out (fixed prompts and seeds)",
+                                                     }.get(key, key))
     ax.set_xlabel("iteration")
     ax.set_ylabel(metric)
     ax.set_title(title or metric)

@@ -148,6 +148,25 @@ def audit(session: TrainingSession, batch: SampleBatch, reward, steps: int, size
     return stats
 
 
+def evaluate(batch: SampleBatch, reward, steps: int, prompts: int = 8, per_prompt: int = 4,
+             every: int = 1, batch_size: int = 32) -> SampleBatch:
+    """Held-out reward: the same prompts and seeds every time, through the full-precision sampling
+    policy, so its curve shows learning without the prompt-to-prompt noise of training batches."""
+    session: TrainingSession = batch.session
+    if not batch.prompts or every <= 0 or session.iteration % every:
+        return batch
+    start = time.perf_counter()
+    chosen = [session.prompts[i % len(session.prompts)] for i in range(prompts)]
+    rows = dp.local_rows(len(chosen))
+    chosen = [chosen[i] for i in rows]
+    seeds = torch.tensor([[10_000 + i * per_prompt + j for j in range(per_prompt)] for i in rows], dtype=torch.long)
+    latents = _generate(session, "full", chosen, seeds, steps, batch_size, "evaluate")
+    scored = _scored_batch(session, reward, chosen, seeds, latents, "full", steps, rows)
+    session.pending.update(_stats("eval_reward", scored.rewards))
+    session.pending["time_eval"] = time.perf_counter() - start
+    return batch
+
+
 @dataclass
 class UpdateSettings:
     lr: float = 3e-4
