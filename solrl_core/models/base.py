@@ -43,6 +43,9 @@ class Conditioning:
         idx_t = torch.as_tensor(idx, dtype=torch.long, device=self.embeds.device)
         return self._map(lambda t: t.index_select(0, idx_t))
 
+    def clone(self) -> Conditioning:
+        return self._map(torch.clone)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
         """Move to a device; `dtype` applies to float tensors only (masks keep theirs)."""
         return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +38,11 @@ def _stats(prefix: str, values: Tensor) -> dict[str, float]:
             f"{prefix}_min": finite.min().item()}
 
 
+def _each_sample(prompts: list[str], per_prompt: int) -> list[str]:
+    """The prompt of every sample of a [P, M] batch, row-major (as latents.flatten(0, 1))."""
+    return [p for p in prompts for _ in range(per_prompt)]
+
+
 def score(session: TrainingSession, reward, latents: Tensor, prompts: list[str]) -> tuple[Tensor, dict, Tensor]:
     """Decode [B, ...] latents and score them: (total [B], components {name: [B]}, images)."""
     images = session.policy.decode(latents.to(session.policy.device)).float().cpu()
@@ -52,7 +56,7 @@ def _generate(session: TrainingSession, precision: str, prompts: list[str], seed
     ctx = current_context()
     model = session.inference_model(precision)
     p, m = seeds.shape
-    flat_prompts = [prompts[i] for i in range(p) for _ in range(m)]
+    flat_prompts = _each_sample(prompts, m)
     cond = session.policy.encode(flat_prompts)
     bar = ctx.progress(steps, desc)
 
@@ -70,7 +74,7 @@ def _generate(session: TrainingSession, precision: str, prompts: list[str], seed
 
 def _scored_batch(session, reward, prompts, seeds, latents, precision, steps, prompt_ids) -> SampleBatch:
     p, m = seeds.shape
-    flat_prompts = [prompts[i] for i in range(p) for _ in range(m)]
+    flat_prompts = _each_sample(prompts, m)
     total, comps, images = score(session, reward, latents.flatten(0, 1), flat_prompts)
     return SampleBatch(session, prompts, seeds, latents, total.reshape(p, m),
                        {k: v.reshape(p, m) for k, v in comps.items()}, precision, steps,
@@ -183,8 +187,7 @@ class UpdateSettings:
         return {"lr": self.lr, "weight_decay": self.weight_decay, "betas": list(self.betas), "eps": self.eps}
 
 
-def update(batch: SampleBatch, s: UpdateSettings,
-           on_pair: Callable[[int, int], None] | None = None) -> dict[str, float]:
+def update(batch: SampleBatch, s: UpdateSettings) -> dict[str, float]:
     """DiffusionNFT on a batch: gradients of every (micro-batch, timestep) pair accumulate into
     exactly one optimizer step; then the sampling adapter and the EMA follow."""
     session: TrainingSession = batch.session
@@ -201,7 +204,7 @@ def update(batch: SampleBatch, s: UpdateSettings,
     # A sample's global id fixes its timesteps and noise, whichever rank trains it.
     ids = [batch.prompt_ids[i] * m + j for i in range(p_local) for j in range(m)]
     ids = [g for g, ok in zip(ids, valid.tolist()) if ok]
-    flat_prompts = [batch.prompts[i] for i in range(p_local) for _ in range(m)]
+    flat_prompts = _each_sample(batch.prompts, m)
     prompts = [p for p, ok in zip(flat_prompts, valid.tolist()) if ok]
     x0_all = batch.latents.flatten(0, 1)[valid].to(policy.device, torch.float32)
     r_all = r_opt.flatten()[valid]
@@ -219,7 +222,7 @@ def update(batch: SampleBatch, s: UpdateSettings,
         gens = {g: session.generator(f"train/{g}") for g in ids}
         choice = torch.stack([torch.randperm(len(rollout_sigmas), generator=gens[g])[:t_train] for g in ids])
         # Clones: hosts may have made these under inference mode, which autograd cannot save.
-        cond_all = policy.encode(prompts)._map(torch.clone)
+        cond_all = policy.encode(prompts).clone()
         x0_all = x0_all.clone()
         bar = ctx.progress(n_local_pairs, "NFT update")
         model.train()
@@ -250,8 +253,6 @@ def update(batch: SampleBatch, s: UpdateSettings,
                     sums += torch.tensor([out.loss.item(), out.kl.item(), 1.0], dtype=torch.float64)
                 done += 1
                 bar.update(done, n_local_pairs)
-                if on_pair is not None:
-                    on_pair(done, n_local_pairs)
         bar.close()
         model.eval()
     for p in params:  # ranks with nothing to train still take part in the sums
