@@ -10,13 +10,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..solrl_core.graph.context import RunContext
+from ..solrl_core.graph.context import MODEL_FOLDER_KINDS, REWARD_FOLDER_KINDS, RunContext
 
 log = logging.getLogger("solrl")
-
-# ComfyUI folder kinds the loaders search, and the one Sol-RL adds for reward weights.
-MODEL_KINDS = ("diffusers", "checkpoints", "diffusion_models")
-REWARD_KINDS = ("solrl_rewards", "text_encoders")
 
 
 class _ComfyBar:
@@ -112,6 +108,6 @@ def comfy_context(node_id: str | None) -> RunContext:
         import folder_paths
     except ImportError:  # imported outside ComfyUI (tests, tools): plain context
         return RunContext()
-    search = {kind: _folders(kind) for kind in (*MODEL_KINDS, *REWARD_KINDS)}
+    search = {kind: _folders(kind) for kind in (*MODEL_FOLDER_KINDS, *REWARD_FOLDER_KINDS)}
     runs_root = Path(folder_paths.get_output_directory()) / "solrl_runs"
     return ComfyContext(node_id, search_dirs=search, runs_root=runs_root)

@@ -18,6 +18,11 @@ from typing import Any, Protocol
 
 log = logging.getLogger("solrl")
 
+# Host folder kinds (ComfyUI's names) searched for policies and for reward weights; hosts fill
+# RunContext.search_dirs under these keys. ComfyUI's "text_encoders" also covers models/clip.
+MODEL_FOLDER_KINDS = ("diffusers", "checkpoints", "diffusion_models")
+REWARD_FOLDER_KINDS = ("solrl_rewards", "text_encoders", "clip")
+
 
 class Interrupted(Exception):
     """Raised at a safe point after the user asked to stop (Ctrl-C, ComfyUI's Cancel)."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..graph.context import current_context
+from ..graph.context import MODEL_FOLDER_KINDS, REWARD_FOLDER_KINDS, current_context
 from ..graph.rundir import check_writable
 from ..quant import BACKENDS
 from .registry import register
@@ -35,7 +35,7 @@ def _model_source(model: str) -> str:
     """A name in a host model folder (ComfyUI's diffusers / checkpoints) becomes its path."""
     if model == "embedded" or Path(model).expanduser().exists():
         return model
-    for kind in ("diffusers", "checkpoints", "diffusion_models"):
+    for kind in MODEL_FOLDER_KINDS:
         for folder in current_context().search_dirs.get(kind, []):
             if (Path(folder) / model).exists():
                 return str(Path(folder) / model)
@@ -83,9 +83,7 @@ register(OpSpec(
 # --- Load Reward ------------------------------------------------------------------------------
 def _reward_search_dirs() -> list[str]:
     dirs = current_context().search_dirs
-    # ComfyUI's "text_encoders" kind covers models/text_encoders and models/clip ("clip" is its legacy name).
-    found = [*dirs.get("solrl_rewards", []), *dirs.get("text_encoders", []), *dirs.get("clip", [])]
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(d for kind in REWARD_FOLDER_KINDS for d in dirs.get(kind, [])))
 
 
 def _build_reward(rewards: str, device: str, path: str = ""):
