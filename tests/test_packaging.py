@@ -34,3 +34,12 @@ def test_comfy_node_validate(tmp_path):
     (tmp_path / "pyproject.toml").write_text(bad)
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 or "passed" not in res.stdout + res.stderr
+
+
+def test_requirements_txt_is_pyproject_without_torch():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = [ln.strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()]
+    listed = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert listed == [d for d in deps if not d.startswith(("torch>", "torch=", "torchvision")) and d != "torch"]
