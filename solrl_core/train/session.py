@@ -29,6 +29,7 @@ from ..models import (
     make_inference_copy,
     refresh_inference_copy,
 )
+from ..models.lora import is_full_finetune
 from ..quant import DEFAULT_SKIP, QuantConfig, quantize_model, requantize_model
 from . import distributed as dp
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -181,8 +182,10 @@ class TrainingSession:
             self.copies = InferenceCopies(regen, explorer, choice_name, reason, report)
         elif self.copies_iteration != self.iteration:
             refresh_inference_copy(self.copies.regenerator, self.policy, SAMPLING)
-            if self.copies.explorer is not None:
+            if self.copies.explorer is not None and is_full_finetune(self.policy.transformer):
                 requantize_model(self.copies.explorer, self.copies.regenerator)
+            elif self.copies.explorer is not None:  # LoRA: re-quantize only the adapter-targeted layers
+                refresh_inference_copy(self.copies.explorer, self.policy, SAMPLING)
         self.copies_iteration = self.iteration
         self.pending["time_requantize"] = time.perf_counter() - start
         self.pending["quant_backend"] = self.copies.backend
