@@ -135,11 +135,14 @@ def layout(spec: SceneSpec, rng: random.Random, size: int = DEFAULT_SIZE) -> Sce
         objs: list[PlacedObject] = []
         boxes: list[tuple[float, float, float]] = []
         n_total = sum(o.count for o in spec.objects)
-        max_side = size * (0.42 if n_total == 1 else 0.34 if n_total == 2 else 0.26)
+        # A lone object is drawn large: its shape is then carried by many pixels, which a small model
+        # learns in minutes; two to four objects must share the canvas.
+        max_side = size * (0.5 if n_total == 1 else 0.34 if n_total == 2 else 0.26)
+        min_frac = 0.75 if n_total == 1 else 0.6
         ok = True
         for o in spec.objects:
             for _ in range(o.count):
-                side = rng.uniform(0.6, 1.0) * max_side
+                side = rng.uniform(min_frac, 1.0) * max_side
                 for _ in range(100):
                     cx = rng.uniform(side / 2 + 1, size - side / 2 - 1)
                     cy = rng.uniform(side / 2 + 1, size - side / 2 - 1)
