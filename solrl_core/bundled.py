@@ -61,6 +61,7 @@ class Recipe:
     micro_batch: int = 8
     lora_rank: int = 32
     lora_alpha: float = 64.0
+    full_finetune: bool = False  # train every weight instead of a LoRA (small models)
     batch_size: int = 32
     audit_every: int = 0
     eval_every: int = 0  # held-out reward on fixed prompts and seeds (0: off)
@@ -77,7 +78,7 @@ def training_graph(r: Recipe) -> ApiGraph:
     prompts = b.add("SolRLPromptSet", source=r.prompts)
     run = b.add("SolRLTrainingRun", policy=policy.out(0), prompts=prompts.out(0), run_name=r.run_name,
                 mode="continue", seed=r.seed, total_iterations=r.iterations, lora_rank=r.lora_rank,
-                lora_alpha=r.lora_alpha, full_finetune=False)
+                lora_alpha=r.lora_alpha, full_finetune=r.full_finetune)
     loop = b.add("SolRLLoopStart", "Loop Start", iterations=r.iterations, value=run.out(0))
     quant = b.add("SolRLRequantize", trainer=loop.out("value"),
                   backend=r.backend if r.stage1 == "low" else "none", min_dim=r.min_dim, weight_tile="16x16")
@@ -106,15 +107,16 @@ def training_graph(r: Recipe) -> ApiGraph:
 
 # The paper's settings (algorithm.md sections 1 and 3) for the real models; the quickstart is sized
 # to finish in minutes on a laptop CPU with the embedded model.
-QUICKSTART = Recipe(run_name="quickstart", prompts="shapes_objects", iterations=30, prompts_per_iteration=8,
+QUICKSTART = Recipe(run_name="quickstart", prompts="shapes_single", iterations=30, prompts_per_iteration=16,
                     candidates=16, keep=8, draft_steps=4, full_steps=8, min_dim=0, lr=1e-3, eval_every=3,
                     eval_prompts=15,
                     lora_rank=16, lora_alpha=16.0, micro_batch=16, batch_size=64)
 PAPER = dict(reward="pickscore:1,hpsv2:1,clipscore:1", prompts="prompts/general.txt", iterations=300)
 RECIPES: dict[str, tuple[Recipe, str]] = {
     "quickstart": (QUICKSTART, "Sol-RL on the embedded tiny model with the rule-based shapes reward: 30 "
-                   "iterations of 8 prompts x 16 drafts, keep the 4 best and 4 worst, regenerate, NFT update. "
-                   "Runs on a laptop CPU in minutes; watch reward_mean rise in Plot Metrics."),
+                   "iterations of 16 single-object prompts x 16 drafts, keep the 4 best and 4 worst, regenerate, "
+                   "NFT update. Runs on a laptop CPU in minutes; watch reward_mean rise in Plot Metrics and "
+                   "eval_reward_mean (fixed prompts and seeds) in metrics.jsonl."),
     "sol_rl_sana": (Recipe(model="Efficient-Large-Model/Sana_1600M_1024px_diffusers", run_name="sol_rl_sana",
                            train_fraction=0.6, **PAPER),
                     "Sol-RL on SANA 1.6B, the paper's settings: P=48, N=96, K=24, 6 draft / 10 full Euler steps, "
