@@ -19,8 +19,18 @@ def folder(tmp_path_factory):
     return save_pipeline(build_sana(seed=3, with_vae=False, sample_size=8), tmp_path_factory.mktemp("m") / "pix")
 
 
-def _session(folder, run_dir) -> TrainingSession:
-    return TrainingSession(run_dir, load_policy(str(folder)), PROMPTS, SessionConfig(lora_rank=4, lora_alpha=8.0))
+def _session(folder, run_dir, full_finetune: bool = False) -> TrainingSession:
+    config = SessionConfig(lora_rank=4, lora_alpha=8.0, full_finetune=full_finetune)
+    return TrainingSession(run_dir, load_policy(str(folder)), PROMPTS, config)
+
+
+def _move_sampling_weights(session: TrainingSession) -> dict[str, torch.Tensor]:
+    """Give the sampling weights new values (as after an update and the old-adapter decay)."""
+    g = torch.Generator().manual_seed(0)
+    model = session.policy.transformer
+    moved = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in adapter_state(model, SAMPLING).items()}
+    load_adapter_state(model, SAMPLING, moved)
+    return moved
 
 
 @pytest.mark.parametrize("backend", ["emulated", "cpu_int8"])
@@ -32,11 +42,8 @@ def test_lora_refresh_equals_quantizing_a_fresh_merged_copy(folder, tmp_path, ba
     for name, layer in first.explorer.named_modules():
         if isinstance(layer, QuantizedLayer):  # record which layers re-quantize themselves
             layer.refresh = (lambda f, n: lambda *a: (refreshed_layers.append(n), f(*a)))(layer.refresh, name)
-    # The sampling adapter moves (as after an update and the old-adapter decay); the next iteration refreshes.
-    g = torch.Generator().manual_seed(0)
     model = session.policy.transformer
-    moved = {k: 0.3 * torch.randn(v.shape, generator=g) for k, v in adapter_state(model, SAMPLING).items()}
-    load_adapter_state(model, SAMPLING, moved)
+    moved = _move_sampling_weights(session)
     session.iteration += 1
     refreshed = _weights(session.refresh_copies(backend, min_dim=0).explorer)
 
@@ -51,6 +58,20 @@ def test_lora_refresh_equals_quantizing_a_fresh_merged_copy(folder, tmp_path, ba
     targeted = {n for n, _ in lora_layers(model)}
     assert sorted(refreshed_layers) == sorted(n for n in targeted if f"quantized:{n}" in fresh)
     assert len(refreshed_layers) < sum(k.startswith("quantized:") for k in fresh)  # the others were left alone
+
+
+def test_full_finetune_requantizes_the_whole_explorer(folder, tmp_path):
+    session = _session(folder, tmp_path / "a", full_finetune=True)
+    before = _weights(session.refresh_copies("emulated", min_dim=0).explorer)
+    moved = _move_sampling_weights(session)
+    session.iteration += 1
+    refreshed = _weights(session.refresh_copies("emulated", min_dim=0).explorer)
+    other = _session(folder, tmp_path / "b", full_finetune=True)
+    load_adapter_state(other.policy.transformer, SAMPLING, moved)
+    fresh = _weights(other.refresh_copies("emulated", min_dim=0).explorer)
+    assert [k for k in fresh if not torch.equal(refreshed[k], fresh[k])] == []
+    changed = [k for k in fresh if not torch.equal(refreshed[k], before[k])]
+    assert sum(k.startswith("quantized:") for k in changed) == sum(k.startswith("quantized:") for k in fresh)
 
 
 def _weights(explorer) -> dict[str, torch.Tensor]:
