@@ -264,25 +264,28 @@ def make_inference_copy(policy: FlowPolicy, adapter: str = SAMPLING) -> nn.Modul
 
 
 @torch.no_grad()
-def refresh_inference_copy(copy_model: nn.Module, policy: FlowPolicy, adapter: str = SAMPLING) -> nn.Module:
+def refresh_inference_copy(copies: nn.Module | Sequence[nn.Module], policy: FlowPolicy,
+                           adapter: str = SAMPLING) -> nn.Module | Sequence[nn.Module]:
     """Recompute, in place, the merged weights of the LoRA-targeted layers only (cheap).
 
-    A layer of the copy that defines `load_merged_weight(weight)` (e.g. a quantized linear) is given
-    the new full-precision weight to re-quantize itself; other layers get `weight.copy_`.
+    `copies`: one inference copy or several (the merge is computed once for all of them). A layer
+    that defines `load_merged_weight(weight)` (e.g. a quantized linear) is given the new
+    full-precision weight to re-quantize itself; other layers get `weight.copy_`.
     """
     if not is_full_finetune(policy.transformer) and not adapter_names(policy.transformer):
-        return copy_model  # nothing trained, nothing to refresh
+        return copies  # nothing trained, nothing to refresh
     weights = merged_weights(policy.transformer, adapter)
-    if is_full_finetune(policy.transformer):
-        params = dict(copy_model.named_parameters())
-        for key, weight in weights.items():
-            params[key].copy_(weight)
-        return copy_model
-    for module_name, weight in weights.items():
-        module = copy_model.get_submodule(module_name)
-        loader = getattr(module, "load_merged_weight", None)
-        if loader is not None:
-            loader(weight)
-        else:
-            module.weight.copy_(weight)
-    return copy_model
+    for copy_model in [copies] if isinstance(copies, nn.Module) else copies:
+        if is_full_finetune(policy.transformer):
+            params = dict(copy_model.named_parameters())
+            for key, weight in weights.items():
+                params[key].copy_(weight)
+            continue
+        for module_name, weight in weights.items():
+            module = copy_model.get_submodule(module_name)
+            loader = getattr(module, "load_merged_weight", None)
+            if loader is not None:
+                loader(weight)
+            else:
+                module.weight.copy_(weight)
+    return copies

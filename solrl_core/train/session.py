@@ -181,11 +181,12 @@ class TrainingSession:
                 log.info("explorer: %s", rep.summary())
             self.copies = InferenceCopies(regen, explorer, choice_name, reason, report)
         elif self.copies_iteration != self.iteration:
-            refresh_inference_copy(self.copies.regenerator, self.policy, SAMPLING)
-            if self.copies.explorer is not None and is_full_finetune(self.policy.transformer):
-                requantize_model(self.copies.explorer, self.copies.regenerator)
-            elif self.copies.explorer is not None:  # LoRA: re-quantize only the adapter-targeted layers
-                refresh_inference_copy(self.copies.explorer, self.policy, SAMPLING)
+            regen, explorer = self.copies.regenerator, self.copies.explorer
+            if explorer is not None and is_full_finetune(self.policy.transformer):
+                refresh_inference_copy(regen, self.policy, SAMPLING)
+                requantize_model(explorer, regen)
+            else:  # LoRA: one merge refreshes both copies; the explorer re-quantizes only those layers
+                refresh_inference_copy([c for c in (regen, explorer) if c is not None], self.policy, SAMPLING)
         self.copies_iteration = self.iteration
         self.pending["time_requantize"] = time.perf_counter() - start
         self.pending["quant_backend"] = self.copies.backend
