@@ -5,8 +5,8 @@ from typing import Any
 
 import torch
 
-from ..solrl_core.graph.context import use_context
 from ..solrl_core.ops.spec import ANY, Input, OpSpec
+from ..solrl_core.runtime.context import use_context
 from .host import comfy_context, list_models
 
 

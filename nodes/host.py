@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..solrl_core.graph.context import MODEL_FOLDER_KINDS, REWARD_FOLDER_KINDS, RunContext
+from ..solrl_core.runtime.context import MODEL_FOLDER_KINDS, REWARD_FOLDER_KINDS, RunContext
 
 log = logging.getLogger("solrl")
 

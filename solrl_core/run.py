@@ -15,14 +15,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .graph.context import Interrupted, RunContext, use_context
 from .graph.errors import WorkflowError
 from .graph.executor import NodeError, execute
-from .graph.rundir import check_writable, default_run_dir, write_run_header
+from .graph.rundir import default_run_dir, write_run_header
 from .graph.validate import validate
 from .graph.workflow import ApiGraph, api_to_ui, dump_json, load_workflow
 from .ops.registry import all_ops
-from .train import distributed as dp
+from .runtime import distributed as dp
+from .runtime.context import Interrupted, RunContext, use_context
+from .runtime.files import check_writable
 
 log = logging.getLogger("solrl")
 

@@ -183,8 +183,8 @@ def test_headless_preview_and_plot_outputs_are_valid_images(tmp_path):
     in [0, 1]) equal to the PNG files they write to the run directory."""
     from model_factories import build_sana, save_pipeline
 
-    from solrl_core.graph.context import RunContext
     from solrl_core.graph.executor import execute
+    from solrl_core.runtime.context import RunContext
 
     folder = save_pipeline(build_sana(seed=0, with_vae=False, sample_size=8), tmp_path / "model")
     api, ids = _graph(replace(SMALL, model=str(folder), iterations=1), 1)

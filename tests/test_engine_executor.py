@@ -5,9 +5,9 @@ import psutil
 import pytest
 from engine_helpers import sum_loop
 
-from solrl_core.graph.context import Interrupted, RunContext
 from solrl_core.graph.executor import NodeError, execute
 from solrl_core.graph.validate import validate
+from solrl_core.runtime.context import Interrupted, RunContext
 
 
 class Recorder(RunContext):

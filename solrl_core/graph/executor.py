@@ -14,7 +14,7 @@ from typing import Any
 
 from ..ops.registry import get_op
 from ..ops.spec import OpSpec
-from .context import Interrupted, RunContext, current_context, use_context
+from ..runtime.context import Interrupted, RunContext, current_context, use_context
 from .errors import WorkflowError
 from .workflow import ApiGraph, _sort_key, is_link
 

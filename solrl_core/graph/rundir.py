@@ -1,57 +1,26 @@
-"""The run directory: resolved workflow, manifest, metrics, log. Files are written atomically."""
+"""The run directory's header: the resolved workflow and the manifest (written atomically)."""
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import platform
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..runtime.files import atomic_write_text
 from .workflow import ApiGraph, dump_json
 
 MANIFEST_PACKAGES = ("torch", "diffusers", "transformers", "peft", "safetensors", "open-clip-torch", "numpy",
                      "solrl")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over the target:
-    a crash leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def default_run_dir(workflow_path: str | Path, root: str | Path = "runs") -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path(root) / f"{Path(workflow_path).stem}-{stamp}"
-
-
-def check_writable(run_dir: Path) -> None:
-    """Fail before compute when the run directory cannot be created or written."""
-    probe_parent = run_dir
-    while not probe_parent.exists():
-        probe_parent = probe_parent.parent
-    if not probe_parent.is_dir() or not os.access(probe_parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"run directory {run_dir} is not writable ({probe_parent} is not a writable folder)")
 
 
 def _versions() -> dict[str, str]:

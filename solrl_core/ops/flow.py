@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..graph.context import current_context
 from ..graph.loops import expand_iteration
+from ..runtime.context import current_context
 from .registry import register
 from .spec import ANY, Input, OpSpec, Output
 

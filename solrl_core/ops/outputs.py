@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..graph.context import current_context
-from ..train import distributed as dp
+from ..runtime import distributed as dp
+from ..runtime.context import current_context
 from ..train.report import metrics_plot, preview_grid
 from .registry import register
 from .spec import Input, OpSpec, Output

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from ..graph.context import MODEL_FOLDER_KINDS, REWARD_FOLDER_KINDS, current_context
-from ..graph.rundir import check_writable
 from ..quant import BACKENDS
+from ..runtime.context import MODEL_FOLDER_KINDS, REWARD_FOLDER_KINDS, current_context
+from ..runtime.files import check_writable
 from .registry import register
 from .spec import Input, InputError, OpSpec, Output
 

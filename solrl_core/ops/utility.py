@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import operator
 
-from ..graph.context import current_context
+from ..runtime.context import current_context
 from .registry import register
 from .spec import Input, OpSpec, Output
 

@@ -14,19 +14,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..graph.rundir import atomic_write_text
+from ..runtime.files import atomic_write_text, fsync_dir
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 KEEP = 2
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -67,7 +59,7 @@ def save_checkpoint(run_dir: Path, iteration: int, tensors: dict[str, torch.Tens
             os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     atomic_write_text(root / LATEST, name + "\n")
     for old in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter-"))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)

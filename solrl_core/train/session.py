@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..graph.rundir import atomic_write_text
 from ..models import (
     FlowPolicy,
     adapter_state,
@@ -31,7 +30,8 @@ from ..models import (
 )
 from ..models.lora import is_full_finetune
 from ..quant import DEFAULT_SKIP, QuantConfig, quantize_model, requantize_model
-from . import distributed as dp
+from ..runtime import distributed as dp
+from ..runtime.files import atomic_write_text
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
 from .prompts import PromptCursor
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..graph.context import current_context
 from ..models import adapter_state, adapters_disabled, load_adapter_state, use_adapter
 from ..models.lora import trainable_parameters
+from ..runtime import distributed as dp
+from ..runtime.context import current_context
 from ..sampling import sample
-from . import distributed as dp
 from .advantages import advantages
 from .audit import ranking_agreement
 from .nft import nft_loss, noised

@@ -1,0 +1,6 @@
+"""The floor under the engine: what every layer above may use, and which imports nothing above it.
+
+context:     what a running op may ask of its host (run directory, progress, interruption, folders)
+files:       atomic writes and checks of the run directory
+distributed: torch.distributed helpers (ranks, sums, gathers)
+"""
