@@ -78,14 +78,28 @@ def test_adaptive_weight_is_detached():
     assert not torch.allclose(grad, v3.grad)
 
 
-def test_advantages_hand_computed():
-    r = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
-    # prompt means 2 and 2; global std (unbiased) of [1, 3, 2, 2] = sqrt(2/3)
-    std = math.sqrt(2 / 3)
+def test_advantages_use_the_population_std():
+    r = torch.tensor([[0.0, 2.0], [4.0, 6.0]])
+    # Prompt means 1 and 5, so r - mean = -1, +1, -1, +1. Global mean 3; deviations -3, -1, 1, 3:
+    # population variance (ddof 0) = (9 + 1 + 1 + 9) / 4 = 5, std = sqrt(5) = 2.2360679...
+    # (the unbiased std would be sqrt(20 / 3) = 2.5819889...).
+    a = 1 / (2.2360679775 + 1e-4)  # = 0.4471935...
     adv, r_opt = advantages(r)
-    expected = torch.tensor([[-1 / (std + 1e-4), 1 / (std + 1e-4)], [0.0, 0.0]])
+    expected = torch.tensor([[-a, a], [-a, a]])
     torch.testing.assert_close(adv, expected)
-    torch.testing.assert_close(r_opt, expected / 10 + 0.5)
+    # r' = clamp(A / 5 / 2 + 0.5, 0, 1)
+    torch.testing.assert_close(r_opt, torch.tensor([[0.5 - a / 10, 0.5 + a / 10], [0.5 - a / 10, 0.5 + a / 10]]))
+
+
+def test_advantages_std_is_global_and_skips_dropped_samples():
+    r = torch.tensor([[1.0, 3.0, float("nan")], [2.0, 2.0, 2.0]])
+    # Finite values 1, 3, 2, 2, 2: mean 2, population variance (1 + 1 + 0 + 0 + 0) / 5 = 0.4,
+    # std = sqrt(0.4) = 0.6324555320 (unbiased: sqrt(0.5)). Prompt 0's mean is over its finite samples: 2.
+    a = 1 / (0.6324555320 + 1e-4)  # = 1.5808...
+    adv, _ = advantages(r)
+    torch.testing.assert_close(adv[0, :2], torch.tensor([-a, a]))
+    assert math.isnan(adv[0, 2].item())
+    assert torch.equal(adv[1], torch.zeros(3))
 
 
 def test_advantages_clip_and_nan_samples():
@@ -122,11 +136,14 @@ def test_selection_other_modes_and_invalid_sizes():
 
 
 def test_decay_schedules_and_blend():
-    assert old_decay(0) == 0.0 and old_decay(100) == pytest.approx(0.1) and old_decay(10_000) == 0.5
-    assert ema_decay(0) == pytest.approx(0.1) and ema_decay(1000) == 0.9
+    # Spec step 7: d = min(0.001 * step, 0.5), EMA decay min((1 + s) / (10 + s), 0.9).
+    assert old_decay(1) == pytest.approx(0.001) and old_decay(100) == pytest.approx(0.1)
+    assert old_decay(500) == 0.5 and old_decay(10_000) == 0.5
+    assert ema_decay(1) == pytest.approx(2 / 11) and ema_decay(9) == pytest.approx(10 / 19)
+    assert ema_decay(80) == pytest.approx(0.9) and ema_decay(1000) == 0.9  # 81 / 90 = 0.9: the cap
     target = {"w": torch.tensor([1.0, 1.0])}
     blend_(target, {"w": torch.tensor([3.0, 5.0])}, 0.25)
-    torch.testing.assert_close(target["w"], torch.tensor([2.5, 4.0]))
+    torch.testing.assert_close(target["w"], torch.tensor([2.5, 4.0]))  # 0.25 * 1 + 0.75 * 3, 0.25 * 1 + 0.75 * 5
 
 
 def test_rank_correlations_match_scipy():

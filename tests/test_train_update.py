@@ -1,0 +1,62 @@
+"""NFT Update inside a training session, with the trained, sampling and EMA weights all different (as
+they are after a few iterations), so that a blend or a copy taken from the wrong adapter shows."""
+from __future__ import annotations
+
+import pytest
+import torch
+from model_factories import build_sana, save_pipeline
+
+from solrl_core.models import adapter_state, load_adapter_state, load_policy
+from solrl_core.train.samples import SampleBatch
+from solrl_core.train.session import SAMPLING, TRAINED, SessionConfig, TrainingSession
+from solrl_core.train.stages import UpdateSettings, update
+
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_pipeline(build_sana(seed=5, with_vae=False, sample_size=8), tmp_path_factory.mktemp("m") / "pix")
+
+
+def _distinct_session(folder, run_dir) -> tuple[TrainingSession, dict, dict, dict]:
+    """A session whose trained (A), sampling (B) and EMA (C) weights differ from each other and from
+    the base model (LoRA B matrices non-zero)."""
+    session = TrainingSession(run_dir, load_policy(str(folder)), PROMPTS, SessionConfig(lora_rank=4, lora_alpha=8.0))
+    model = session.policy.transformer
+    g = torch.Generator().manual_seed(11)
+    init = adapter_state(model, TRAINED)
+    a = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in init.items()}
+    b = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in init.items()}
+    c = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in init.items()}
+    load_adapter_state(model, TRAINED, a)
+    load_adapter_state(model, SAMPLING, b)
+    session.ema = {k: v.clone() for k, v in c.items()}
+    return session, a, b, c
+
+
+def _batch(session: TrainingSession) -> SampleBatch:
+    """Two prompts x two regenerated samples (pixel-space latents 3 x 8 x 8) with distinct rewards."""
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 2, 3, 8, 8, generator=g).clamp(-1, 1)
+    rewards = torch.tensor([[0.0, 1.0], [0.2, 0.6]])
+    return SampleBatch(session, list(PROMPTS), torch.tensor([[1, 2], [3, 4]]), latents, rewards, steps=3,
+                       prompt_ids=[0, 1])
+
+
+@pytest.mark.parametrize("iteration, old_d, ema_d", [
+    (0, 0.001, 2 / 11),    # first update: step 1 -> d = min(0.001 * 1, 0.5), EMA (1 + 1) / (10 + 1)
+    (9, 0.01, 11 / 20),    # tenth update: step 10 -> d = 0.001 * 10, EMA (1 + 10) / (10 + 10)
+])
+def test_sampling_adapter_and_ema_count_steps_from_one(folder, tmp_path, iteration, old_d, ema_d):
+    session, a, b, c = _distinct_session(folder, tmp_path / "run")
+    session.iteration = iteration
+    stats = update(_batch(session), UpdateSettings(lr=0.0, kl_coef=0.0, micro_batch=4))
+    assert stats["stepped"] == 1 and stats["grad_norm"] > 0
+    model = session.policy.transformer
+    trained = adapter_state(model, TRAINED)
+    assert all(torch.equal(trained[k], a[k]) for k in a)  # lr 0: the trained adapter did not move
+    old = adapter_state(model, SAMPLING)
+    for k in a:  # old <- d * old + (1 - d) * current; EMA likewise with its own decay
+        torch.testing.assert_close(old[k], old_d * b[k] + (1 - old_d) * a[k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(session.ema[k], ema_d * c[k] + (1 - ema_d) * a[k], rtol=1e-6, atol=1e-7)
