@@ -97,19 +97,6 @@ def test_loop_logs_metrics_previews_plot_and_lora(tmp_path, model_dir):
     assert report["quantized"] and report["backend"] == "emulated"
 
 
-def test_zero_learning_rate_changes_nothing_it_should_not(tmp_path, model_dir):
-    run_dir = tmp_path / "run"
-    wf = _workflow(tmp_path, replace(SMALL, model=model_dir, iterations=2, lr=0.0, kl_coef=0.0))
-    assert main([str(wf), "--run-dir", str(run_dir)]) == 0
-    weights, _ = _state(run_dir)
-    for key in [k for k in weights if k.startswith("default.")]:
-        name = key[len("default."):]
-        assert torch.equal(weights[key], weights["old." + name]), name  # old follows default exactly
-        assert torch.equal(weights[key], weights["ema." + name]), name
-    # With nothing learned the regenerated rewards are those of the initial policy: no drift.
-    assert _rows(run_dir)[0]["grad_norm"] > 0
-
-
 def test_nan_rewards_are_dropped_and_counted(tmp_path, model_dir, monkeypatch):
     from solrl_core.rewards import REWARDS
     from solrl_core.rewards.shapes import ShapesReward

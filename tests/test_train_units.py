@@ -34,19 +34,34 @@ def test_nft_loss_finite_and_gradient_only_through_v():
     assert v_old.grad is None and v_ref.grad is None
 
 
-def test_r_prime_one_is_the_positive_branch_alone():
-    x0, eps, t, v, v_old, _ = _loss_inputs(1)
-    x_t = noised(x0, eps, t)
-    beta = 0.7
-    out = nft_loss(v, v_old, None, x_t, x0, t, torch.ones(4), beta=beta, kl_coef=0.0)
-    v_pos = beta * v + (1 - beta) * v_old
-    err = x_t - t.reshape(-1, 1, 1, 1) * v_pos - x0
-    w = err.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
-    expected = ((err ** 2 / w).mean(dim=(1, 2, 3)) / beta * 5).mean()
-    torch.testing.assert_close(out.loss, expected)
-    # r' = 0 is the negative branch: a different number.
-    neg = nft_loss(v, v_old, None, x_t, x0, t, torch.zeros(4), beta=beta, kl_coef=0.0)
-    assert not torch.allclose(neg.loss, out.loss)
+def test_nft_loss_and_gradient_hand_computed():
+    """Spec section 2 worked by hand on two 2-element samples (same data, r' = 0 and 0.25)."""
+    x0 = torch.tensor([[1.0, -1.0]] * 2)
+    x_t = torch.tensor([[2.0, 0.0]] * 2)
+    t = torch.tensor([0.5, 0.5])
+    v = torch.tensor([[2.0, 2.0]] * 2, requires_grad=True)
+    v_old = torch.tensor([[0.0, 4.0]] * 2)
+    v_ref = torch.tensor([[2.0, 0.0]] * 2)
+    # beta = 0.5. Positive: v_pos = 0.5 v + 0.5 v_old = [1, 3]; x0_pos = x_t - 0.5 v_pos = [1.5, -1.5];
+    #   err = [0.5, -0.5], w = 0.5, L_pos = mean(0.25 / 0.5, 0.25 / 0.5) = 0.5.
+    # Negative: v_neg = 1.5 v_old - 0.5 v = [-1, 5]; x0_neg = [2.5, -2.5]; err = [1.5, -1.5], w = 1.5,
+    #   L_neg = mean(2.25 / 1.5, 2.25 / 1.5) = 1.5.
+    # r' = 0: (0 * 0.5 + 1 * 1.5) / 0.5 * 5 = 15;  r' = 0.25: (0.25 * 0.5 + 0.75 * 1.5) / 0.5 * 5 = 12.5.
+    # policy loss = (15 + 12.5) / 2 = 13.75; KL = mean((v - v_ref)^2) = mean(0, 4, 0, 4) = 2, times 0.1.
+    out = nft_loss(v, v_old, v_ref, x_t, x0, t, torch.tensor([0.0, 0.25]), beta=0.5, kl_coef=0.1)
+    assert out.policy_loss.item() == pytest.approx(13.75, rel=1e-6)
+    assert out.kl.item() == pytest.approx(2.0, rel=1e-6)
+    assert out.loss.item() == pytest.approx(13.95, rel=1e-6)
+    out.loss.backward()
+    # d err_neg / dv = +t beta = 0.25, d err_pos / dv = -0.25; d mean(err^2 / w) / d err_i = err_i / w (D = 2).
+    # Sample 0 (r' = 0): 5 / beta / 2 (batch mean) * (err_neg / 1.5 * 0.25) = 5 * [0.25, -0.25] = [1.25, -1.25].
+    # Sample 1: 5 * (0.25 * [0.5, -0.5] / 0.5 * -0.25 + 0.75 * [0.25, -0.25]) = 5 * [0.125, -0.125].
+    # KL: 0.1 * 2 (v - v_ref) / 4 = [0, 0.1] for both samples.
+    torch.testing.assert_close(v.grad, torch.tensor([[1.25, -1.15], [0.625, -0.525]]))
+    # r' = 1 is the positive branch alone: 0.5 / 0.5 * 5 = 5 (and r' = 0 the negative: 1.5 / 0.5 * 5 = 15).
+    ones = nft_loss(v, v_old, None, x_t, x0, t, torch.ones(2), beta=0.5, kl_coef=0.0)
+    zeros = nft_loss(v, v_old, None, x_t, x0, t, torch.zeros(2), beta=0.5, kl_coef=0.0)
+    assert ones.loss.item() == pytest.approx(5.0, rel=1e-6) and zeros.loss.item() == pytest.approx(15.0, rel=1e-6)
 
 
 def test_kl_zero_when_policy_equals_reference():
