@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from solrl_core.models import adapter_state, adapters_disabled, load_adapter_state, load_policy, use_adapter
 from solrl_core.train.export import save_lora
-from solrl_core.train.session import EMA, SAMPLING, TRAINED, SessionConfig, TrainingSession
+from solrl_core.train.session import EMA, SAMPLING, TRAINED, TrainingSession
+from solrl_core.train.settings import SessionConfig
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: the scale 2 must be folded into lora_B
 PROMPTS = ["a red circle", "two blue squares"]

@@ -35,21 +35,11 @@ from ..runtime.files import atomic_write_text
 from ..runtime.metrics import metrics_log
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
 from .prompts import PromptCursor
+from .settings import RequantizeSettings, SessionConfig
 
 log = logging.getLogger("solrl")
 
 TRAINED, SAMPLING, EMA = "default", "old", "ema"
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    """What must stay the same for a run to be resumed (checked on resume)."""
-
-    seed: int = 0
-    total_iterations: int = 100
-    lora_rank: int = 32
-    lora_alpha: float = 64.0
-    full_finetune: bool = False
 
 
 @dataclass
@@ -159,19 +149,18 @@ class TrainingSession:
         return torch.randint(0, 2**31 - 1, (prompts, per_prompt), generator=self.generator("seeds"))
 
     # --- inference copies (Requantize) --------------------------------------------------------
-    def refresh_copies(self, backend: str, min_dim: int | None = None, weight_tile: tuple[int, int] = (16, 16),
-                       cache_dequantized: bool = True) -> InferenceCopies:
+    def refresh_copies(self, s: RequantizeSettings, cache_dequantized: bool = True) -> InferenceCopies:
         """Merge the sampling adapter into the full-precision and low-precision copies."""
         start = time.perf_counter()
         if self.copies is None:
             regen = make_inference_copy(self.policy, SAMPLING)
             explorer, choice_name, reason, report = None, "none", "full precision only", {}
-            if backend != "none":
+            if s.backend != "none":
                 explorer = make_inference_copy(self.policy, SAMPLING)
                 skip = DEFAULT_SKIP + tuple(f"*{p}*" for p in self.policy.quant_skip_patterns)
-                qc = QuantConfig(skip=skip, min_dim=self.policy.quant_min_dim if min_dim is None else min_dim,
-                                 weight_tile=weight_tile, cache_dequantized=cache_dequantized)
-                rep = quantize_model(explorer, qc, backend=backend)
+                qc = QuantConfig(skip=skip, min_dim=self.policy.quant_min_dim if s.min_dim < 0 else s.min_dim,
+                                 weight_tile=s.tile, cache_dequantized=cache_dequantized)
+                rep = quantize_model(explorer, qc, backend=s.backend)
                 choice_name, reason, report = rep.backend, rep.backend_reason, rep.to_dict()
                 if dp.is_main():
                     atomic_write_text(self.run_dir / "quant_report.json", json.dumps(report, indent=1) + "\n")
