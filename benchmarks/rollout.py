@@ -35,7 +35,7 @@ from solrl_core.train.settings import (  # noqa: E402
     SelectSettings,
     SessionConfig,
 )
-from solrl_core.train.stages import explore, rank, regenerate  # noqa: E402
+from solrl_core.train.stages import explore, regenerate, select  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rollout.md"
 
@@ -64,18 +64,18 @@ def main(argv: list[str] | None = None) -> None:
         s.refresh_copies(RequantizeSettings(backend, min_dim=0))
         sessions[backend] = s
 
-    select = SelectSettings(keep=args.keep)
+    keep = SelectSettings(keep=args.keep)
 
     def naive() -> None:
         s = sessions["none"]
-        rank(explore(s, reward, ExploreSettings(args.prompts, args.pool, args.full_steps, "full", batch_size=64)),
-             select)
+        select(explore(s, reward, ExploreSettings(args.prompts, args.pool, args.full_steps, "full", batch_size=64)),
+               keep)
 
     def sol_rl(backend: str):
         def run() -> None:
             s = sessions[backend]
-            kept = rank(explore(s, reward, ExploreSettings(args.prompts, args.pool, args.draft_steps, "low", 64)),
-                        select)
+            kept = select(explore(s, reward, ExploreSettings(args.prompts, args.pool, args.draft_steps, "low", 64)),
+                          keep)
             regenerate(kept, reward, RegenerateSettings(args.full_steps, batch_size=64))
         return run
 

@@ -131,8 +131,8 @@ def training_graph(r: Recipe) -> ApiGraph:
     run = b.add("SolRLTrainingRun", policy=policy.out(0), prompts=prompts.out(0), run_name=r.run_name,
                 mode="continue", **widgets("SolRLTrainingRun"))
     loop = b.add("SolRLLoopStart", "Loop Start", iterations=r.iterations, value=run.out(0))
-    quant = b.add("SolRLRequantize", trainer=loop.out("value"), **widgets("SolRLRequantize"))
-    drafts = b.add("SolRLFP4Sampler", trainer=quant.out(0), reward=reward.out(0), **widgets("SolRLFP4Sampler"))
+    quant = b.add("SolRLRequantize", session=loop.out("value"), **widgets("SolRLRequantize"))
+    drafts = b.add("SolRLFP4Sampler", session=quant.out(0), reward=reward.out(0), **widgets("SolRLFP4Sampler"))
     samples = drafts
     if r.keep != r.candidates:
         samples = b.add("SolRLProxyRewardRanker", drafts=drafts.out(0), **widgets("SolRLProxyRewardRanker"))
@@ -143,10 +143,10 @@ def training_graph(r: Recipe) -> ApiGraph:
         samples = b.add("SolRLEvaluate", samples=samples.out(0), reward=reward.out(0), **widgets("SolRLEvaluate"))
     preview = b.add("SolRLPreview", samples=samples.out(0), max_prompts=4, scale=4)
     update = b.add("SolRLNFTUpdate", samples=preview.out("samples"), **widgets("SolRLNFTUpdate"))
-    end = b.add("SolRLLoopEnd", "Loop End", flow=loop.out("flow"), value=update.out("trainer"),
+    end = b.add("SolRLLoopEnd", "Loop End", flow=loop.out("flow"), value=update.out("session"),
                 stop=update.out("done"))
-    b.add("SolRLPlotMetrics", trainer=end.out("value"), metric="reward_mean")
-    b.add("SolRLSaveLoRA", trainer=end.out("value"), weights="ema", filename=f"{r.run_name}_lora")
+    b.add("SolRLPlotMetrics", session=end.out("value"), metric="reward_mean")
+    b.add("SolRLSaveLoRA", session=end.out("value"), weights="ema", filename=f"{r.run_name}_lora")
     return b.graph
 
 

@@ -23,7 +23,7 @@ from .registry import register
 from .spec import Input, InputError, OpSpec, Output
 
 POLICY, REWARD, PROMPTS = "SOLRL_POLICY", "SOLRL_REWARD", "SOLRL_PROMPTS"
-TRAINER, SAMPLES = "SOLRL_TRAINER", "SOLRL_SAMPLES"
+SESSION, SAMPLES = "SOLRL_SESSION", "SOLRL_SAMPLES"
 CAT = "Sol-RL"
 # NFT Update's required widgets, in their order on the node (the AdamW betas and epsilon stay at
 # the reference's values and are set from Python only).
@@ -198,7 +198,7 @@ register(OpSpec(
         Input.of(SessionConfig, "seed", seed=True),
         *(Input.of(SessionConfig, name) for name in ("total_iterations", "lora_rank", "lora_alpha", "full_finetune")),
     ),
-    outputs=(Output("trainer", TRAINER),),
+    outputs=(Output("session", SESSION),),
     function=training_run_op,
     always_run=True,  # re-queueing must continue training, never replay a cached result
     validate=_check_run,
@@ -208,11 +208,11 @@ register(OpSpec(
 
 
 # --- Requantize -------------------------------------------------------------------------------
-def requantize_op(trainer, **settings) -> tuple:
-    copies = trainer.refresh_copies(RequantizeSettings(**settings))
-    current_context().status(f"iteration {trainer.iteration}: explorer backend {copies.backend} "
+def requantize_op(session, **settings) -> tuple:
+    copies = session.refresh_copies(RequantizeSettings(**settings))
+    current_context().status(f"iteration {session.iteration}: explorer backend {copies.backend} "
                              f"({copies.backend_reason})")
-    return (trainer,)
+    return (session,)
 
 
 register(OpSpec(
@@ -221,12 +221,12 @@ register(OpSpec(
                 "low-precision explorer copy (NVFP4 W4A4 emulated / Transformer Engine NVFP4 on Blackwell / "
                 "FP8 on Hopper / CPU int8). 'none' keeps only the full-precision copy.",
     inputs=(
-        Input("trainer", TRAINER),
+        Input("session", SESSION),
         Input.of(RequantizeSettings, "backend"),
         Input.of(RequantizeSettings, "min_dim", optional=True),
         Input.of(RequantizeSettings, "weight_tile", optional=True),
     ),
-    outputs=(Output("trainer", TRAINER),),
+    outputs=(Output("session", SESSION),),
     function=requantize_op,
     always_run=True,
     settings=RequantizeSettings,
@@ -234,10 +234,10 @@ register(OpSpec(
 
 
 # --- FP4 Sampler ------------------------------------------------------------------------------
-def fp4_sampler_op(trainer, reward, **settings) -> tuple:
+def fp4_sampler_op(session, reward, **settings) -> tuple:
     from ..train.stages import explore
 
-    return (explore(trainer, reward, ExploreSettings(**settings)),)
+    return (explore(session, reward, ExploreSettings(**settings)),)
 
 
 register(OpSpec(
@@ -245,7 +245,7 @@ register(OpSpec(
     description="Stage 1, explore: draws N seeds for each of P prompts and generates them with the "
                 "low-precision explorer in few steps (no CFG), then scores them with the proxy reward.",
     inputs=(
-        Input("trainer", TRAINER),
+        Input("session", SESSION),
         Input("reward", REWARD, tooltip="Proxy reward (used only for ranking)."),
         *(Input.of(ExploreSettings, name) for name in ("prompts_per_iteration", "candidates", "steps")),
         *(Input.of(ExploreSettings, name, optional=True) for name in ("precision", "batch_size")),
@@ -269,9 +269,9 @@ def _check_ranker(inputs: dict[str, Any], linked: dict[str, dict]) -> None:
 
 
 def ranker_op(drafts, **settings) -> tuple:
-    from ..train.stages import rank
+    from ..train.stages import select
 
-    return (rank(drafts, SelectSettings(**settings)),)
+    return (select(drafts, SelectSettings(**settings)),)
 
 
 register(OpSpec(
@@ -373,7 +373,7 @@ register(OpSpec(
         *(Input.of(UpdateSettings, name) for name in NFT_UPDATE_INPUTS),
         Input.of(UpdateSettings, "weight_decay", optional=True),
     ),
-    outputs=(Output("trainer", TRAINER), Output("done", "BOOLEAN"), Output("status", "STRING")),
+    outputs=(Output("session", SESSION), Output("done", "BOOLEAN"), Output("status", "STRING")),
     function=nft_update_op,
     output_node=True,
     always_run=True,

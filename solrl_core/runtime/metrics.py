@@ -3,7 +3,7 @@
 Every row of a run goes through `metrics_log(run_dir)`: an iteration's metrics from the training
 session, a Log Metric node's value. A row is one JSON object on one line, flushed and fsynced, so a
 SIGKILL loses no row already written and leaves at most a torn last line, which the next append cuts
-off. Only the main process (torch.distributed rank 0) writes. Sinks attached to the log (event files
+off. Only the main process (process 0 under torch.distributed) writes. Sinks attached to the log (event files
 for TensorBoard, Weights & Biases) receive the same rows, and the images the run shows.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ STD_EPS = 1e-4
 
 def global_std(values: Tensor) -> Tensor:
     """Population std (ddof 0, numpy's default, as the reference) over all finite values in the
-    batch, across ranks when torch.distributed is running."""
+    batch, across processes when torch.distributed is running."""
     finite = torch.isfinite(values)
     v = torch.where(finite, values, torch.zeros_like(values)).double()
     stats = torch.stack([finite.sum().double(), v.sum(), (v * v).sum()])

@@ -85,7 +85,7 @@ class TrainingSession:
         if init is None:
             # LoRA init is random: seed it so a run is reproducible from its seed alone.
             torch.manual_seed(self.config.seed)
-            add_lora(self.policy, rank=self.config.lora_rank, alpha=self.config.lora_alpha,
+            add_lora(self.policy, lora_rank=self.config.lora_rank, lora_alpha=self.config.lora_alpha,
                      full_finetune=self.config.full_finetune)
             model._solrl_initial_adapters = (self.config, adapter_state(model, TRAINED))
         elif init[0].lora_rank != self.config.lora_rank or init[0].full_finetune != self.config.full_finetune:
@@ -225,7 +225,7 @@ class TrainingSession:
         tensors.update({f"{EMA}.{k}": v for k, v in self.ema.items()})
         meta = {"config": asdict(self.config), "iteration": self.iteration, "cursor": asdict(self.cursor),
                 "metrics": self.metrics, "optimizer_settings": self.optimizer_settings}
-        if dp.is_main():  # every rank holds the same weights and optimizer state
+        if dp.is_main():  # every process holds the same weights and optimizer state
             save_checkpoint(self.run_dir, self.iteration, tensors,
                             self.optimizer.state_dict() if self.optimizer is not None else None, meta)
         metrics_log(self.run_dir).append(row)

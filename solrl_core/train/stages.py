@@ -1,7 +1,7 @@
 """The four stages of a Sol-RL iteration, as plain functions the nodes call.
 
 explore: N seeds per prompt through the low-precision explorer (D steps), scored (proxy reward).
-rank:    keep K per prompt by proxy reward.
+select:  keep K per prompt by proxy reward.
 regenerate: the same seeds through the full-precision copy (F steps), re-scored; optionally an
          audit of how well the proxy ranked the whole pool.
 update:  DiffusionNFT on the kept samples: one optimizer step, then old / EMA updates.
@@ -24,13 +24,13 @@ from .audit import ranking_agreement
 from .nft import nft_loss, noised
 from .samples import SampleBatch
 from .schedules import blend_, ema_decay, old_decay
-from .selection import select
+from .selection import kept_indices
 from .session import SAMPLING, TRAINED, TrainingSession
 from .settings import EvaluateSettings, ExploreSettings, RegenerateSettings, SelectSettings, UpdateSettings
 
 
 def _stats(prefix: str, values: Tensor) -> dict[str, float]:
-    values = dp.gather_cat(values.flatten())  # statistics of the whole batch, over all ranks
+    values = dp.gather_cat(values.flatten())  # statistics of the whole batch, over all processes
     finite = values[torch.isfinite(values)]
     if finite.numel() == 0:
         return {f"{prefix}_mean": math.nan}
@@ -91,7 +91,7 @@ def explore(session: TrainingSession, reward, s: ExploreSettings) -> SampleBatch
                          f"({dp.world_size()}): every process needs at least one prompt")
     all_prompts = session.next_prompts(s.prompts_per_iteration)
     all_seeds = session.draw_seeds(len(all_prompts), s.candidates)
-    rows = dp.local_rows(len(all_prompts))  # this rank's prompts; seeds as one process would draw them
+    rows = dp.local_rows(len(all_prompts))  # this process's prompts; seeds as one process would draw them
     prompts, seeds = [all_prompts[i] for i in rows], all_seeds[rows]
     latents = _generate(session, s.precision, prompts, seeds, s.steps, s.batch_size, f"explore ({s.precision})")
     batch = _scored_batch(session, reward, prompts, seeds, latents, s.precision, s.steps, rows)
@@ -101,13 +101,13 @@ def explore(session: TrainingSession, reward, s: ExploreSettings) -> SampleBatch
     return batch
 
 
-def rank(batch: SampleBatch, s: SelectSettings) -> SampleBatch:
+def select(batch: SampleBatch, s: SelectSettings) -> SampleBatch:
     if not batch.prompts:
         return batch
     s.check(candidates=batch.shape[1])
     start = time.perf_counter()
     session: TrainingSession = batch.session
-    idx = torch.cat([select(batch.rewards[i:i + 1], s.keep, s.mode, generator=session.generator(f"select/{pid}"))
+    idx = torch.cat([kept_indices(batch.rewards[i:i + 1], s.keep, s.mode, generator=session.generator(f"select/{pid}"))
                      for i, pid in enumerate(batch.prompt_ids)])
     kept = batch.subset(idx)
     session.pending.update(_stats("kept_proxy_reward", kept.rewards))
@@ -183,7 +183,7 @@ def update(batch: SampleBatch, s: UpdateSettings) -> dict[str, float]:
     _, r_opt = advantages(batch.rewards)
     p_local, m = batch.shape
     valid = torch.isfinite(r_opt).flatten()
-    # A sample's global id fixes its timesteps and noise, whichever rank trains it.
+    # A sample's global id fixes its timesteps and noise, whichever process trains it.
     ids = [batch.prompt_ids[i] * m + j for i in range(p_local) for j in range(m)]
     ids = [g for g, ok in zip(ids, valid.tolist()) if ok]
     flat_prompts = _each_sample(batch.prompts, m)
@@ -198,7 +198,7 @@ def update(batch: SampleBatch, s: UpdateSettings) -> dict[str, float]:
     rollout_sigmas = policy.sigmas(batch.steps, *policy.image_size_of(batch.latents[0, :1]))[:-1].float()
     t_train = max(1, int(len(rollout_sigmas) * s.train_fraction))
     n_local_pairs = math.ceil(n / s.micro_batch) * t_train
-    n_pairs = int(dp.sum_(torch.tensor(n_local_pairs)))  # the loss is a mean over all ranks' pairs
+    n_pairs = int(dp.sum_(torch.tensor(n_local_pairs)))  # the loss is a mean over all processes' pairs
     sums = torch.zeros(3, dtype=torch.float64)  # loss, kl, pairs done
     if n > 0:
         gens = {g: session.generator(f"train/{g}") for g in ids}
@@ -237,7 +237,7 @@ def update(batch: SampleBatch, s: UpdateSettings) -> dict[str, float]:
                 bar.update(done, n_local_pairs)
         bar.close()
         model.eval()
-    for p in params:  # ranks with nothing to train still take part in the sums
+    for p in params:  # processes with nothing to train still take part in the sums
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dp.sum_(p.grad)
