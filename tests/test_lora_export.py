@@ -19,8 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from solrl_core.models import adapter_state, adapters_disabled, load_adapter_state, load_policy, use_adapter
+from solrl_core.models.lora import SAMPLING, TRAINED
 from solrl_core.train.export import save_lora
-from solrl_core.train.session import EMA, SAMPLING, TRAINED, TrainingSession
+from solrl_core.train.session import EMA, TrainingSession
 from solrl_core.train.settings import SessionConfig
 
 LORA_RANK, ALPHA = 4, 8.0  # alpha != LoRA rank: the scale 2 must be folded into lora_B

@@ -7,9 +7,9 @@ import torch
 from model_factories import build_sana, save_pipeline
 
 from solrl_core.models import adapter_state, load_adapter_state, load_policy
-from solrl_core.models.lora import lora_layers
+from solrl_core.models.lora import SAMPLING, lora_layers
 from solrl_core.quant.layers import QuantizedLayer
-from solrl_core.train.session import SAMPLING, TrainingSession
+from solrl_core.train.session import TrainingSession
 from solrl_core.train.settings import RequantizeSettings, SessionConfig
 
 PROMPTS = ["a red circle", "two blue squares"]

@@ -7,9 +7,10 @@ import torch
 from model_factories import build_sana, save_pipeline
 
 from solrl_core.models import adapter_state, adapters_disabled, load_adapter_state, load_policy, use_adapter
+from solrl_core.models.lora import SAMPLING, TRAINED
 from solrl_core.sampling import sample
 from solrl_core.train.samples import SampleBatch
-from solrl_core.train.session import SAMPLING, TRAINED, TrainingSession
+from solrl_core.train.session import TrainingSession
 from solrl_core.train.settings import RegenerateSettings, RequantizeSettings, SessionConfig, UpdateSettings
 from solrl_core.train.stages import regenerate, update
 

@@ -28,7 +28,7 @@ from ..models import (
     make_inference_copy,
     refresh_inference_copy,
 )
-from ..models.lora import is_full_finetune
+from ..models.lora import SAMPLING, TRAINED, is_full_finetune
 from ..quant import DEFAULT_SKIP, QuantConfig, quantize_model, requantize_model
 from ..runtime import distributed as dp
 from ..runtime.files import atomic_write_text
@@ -39,7 +39,7 @@ from .settings import RequantizeSettings, SessionConfig
 
 log = logging.getLogger("solrl")
 
-TRAINED, SAMPLING, EMA = "default", "old", "ema"
+EMA = "ema"  # the EMA copy of the trained adapter, kept by the session (evaluation and export)
 
 
 @dataclass

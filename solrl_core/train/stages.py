@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..models import adapter_state, adapters_disabled, load_adapter_state, use_adapter
-from ..models.lora import trainable_parameters
+from ..models.lora import SAMPLING, TRAINED, trainable_parameters
 from ..runtime import distributed as dp
 from ..runtime.context import current_context
 from ..sampling import sample
@@ -25,7 +25,7 @@ from .nft import nft_loss, noised
 from .samples import SampleBatch
 from .schedules import blend_, ema_decay, old_decay
 from .selection import kept_indices
-from .session import SAMPLING, TRAINED, TrainingSession
+from .session import TrainingSession
 from .settings import EvaluateSettings, ExploreSettings, RegenerateSettings, SelectSettings, UpdateSettings
 
 
