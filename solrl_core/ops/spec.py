@@ -7,7 +7,7 @@ positional `widgets_values` of a node are mapped to input names in spec order).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from ..runtime.settings import Bounds, SettingError, bounds_of, check_value, default_of, kind_of
@@ -98,7 +98,6 @@ class OpSpec:
     # The settings class (runtime.settings) its widget inputs build: built from the literal inputs at
     # validation, so its bounds and cross-field rules refuse a workflow before any compute.
     settings: type | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def input(self, name: str) -> Input | None:
         return next((i for i in self.inputs if i.name == name), None)
