@@ -14,15 +14,7 @@ from .graph.builder import GraphBuilder
 from .graph.workflow import ApiGraph, api_to_ui, dump_json
 from .ops.registry import get_op
 from .runtime.settings import Settings
-from .train.settings import (
-    EvaluateSettings,
-    ExploreSettings,
-    RegenerateSettings,
-    RequantizeSettings,
-    SelectSettings,
-    SessionConfig,
-    UpdateSettings,
-)
+from .train import settings as ts
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
 
@@ -46,8 +38,8 @@ def demo_loop() -> ApiGraph:
     return b.graph
 
 
-_RUN, _QUANT, _EXPLORE, _SELECT = SessionConfig(), RequantizeSettings(), ExploreSettings(), SelectSettings()
-_REGEN, _EVAL, _UPDATE = RegenerateSettings(), EvaluateSettings(), UpdateSettings()
+_RUN, _QUANT, _EXPLORE = ts.SessionConfig(), ts.RequantizeSettings(), ts.ExploreSettings()
+_SELECT, _REGEN, _EVAL, _UPDATE = ts.SelectSettings(), ts.RegenerateSettings(), ts.EvaluateSettings(), ts.UpdateSettings()
 
 
 @dataclass(frozen=True)
@@ -92,23 +84,25 @@ class Recipe:
 
     def node_settings(self) -> dict[str, Settings]:
         """The settings of each training node of the workflow, by op id."""
-        select = SelectSettings(keep=self.keep)
+        select = ts.SelectSettings(keep=self.keep)
         select.check(candidates=self.candidates)
         low = self.stage1 == "low"
         return {
-            "SolRLTrainingRun": SessionConfig(seed=self.seed, total_iterations=self.iterations,
+            "SolRLTrainingRun": ts.SessionConfig(seed=self.seed, total_iterations=self.iterations,
                                               lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
                                               full_finetune=self.full_finetune),
-            "SolRLRequantize": RequantizeSettings(backend=self.backend if low else "none", min_dim=self.min_dim),
-            "SolRLFP4Sampler": ExploreSettings(prompts_per_iteration=self.prompts_per_iteration,
+            "SolRLRequantize": ts.RequantizeSettings(backend=self.backend if low else "none",
+                                                     min_dim=self.min_dim),
+            "SolRLFP4Sampler": ts.ExploreSettings(prompts_per_iteration=self.prompts_per_iteration,
                                                candidates=self.candidates,
                                                steps=self.draft_steps if low else self.full_steps,
                                                precision=self.stage1, batch_size=self.batch_size),
             "SolRLProxyRewardRanker": select,
-            "SolRLBF16Regenerator": RegenerateSettings(steps=self.full_steps, batch_size=self.batch_size,
+            "SolRLBF16Regenerator": ts.RegenerateSettings(steps=self.full_steps, batch_size=self.batch_size,
                                                        audit_every=self.audit_every),
-            "SolRLEvaluate": EvaluateSettings(steps=self.full_steps, prompts=self.eval_prompts, every=self.eval_every),
-            "SolRLNFTUpdate": UpdateSettings(lr=self.lr, beta=self.beta, kl_coef=self.kl_coef,
+            "SolRLEvaluate": ts.EvaluateSettings(steps=self.full_steps, prompts=self.eval_prompts,
+                                                 every=self.eval_every),
+            "SolRLNFTUpdate": ts.UpdateSettings(lr=self.lr, beta=self.beta, kl_coef=self.kl_coef,
                                              train_fraction=self.train_fraction, grad_clip=self.grad_clip,
                                              micro_batch=self.micro_batch),
         }

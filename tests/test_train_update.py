@@ -93,7 +93,8 @@ def test_zero_learning_rate_moves_only_the_sampling_blend_and_copies_follow_it(f
     session.iteration = 499
     seeds = torch.tensor([[11, 12], [13, 14]])
     for _ in range(2):
-        session.refresh_copies(RequantizeSettings(backend="none"))  # built on the first pass, refreshed in place on the second
+        # Built on the first pass, refreshed in place on the second.
+        session.refresh_copies(RequantizeSettings(backend="none"))
         kept = SampleBatch(session, list(PROMPTS), seeds, torch.zeros(2, 2, 3, 8, 8), torch.zeros(2, 2), steps=3,
                            prompt_ids=[0, 1])
         out = regenerate(kept, MeanBrightness(), RegenerateSettings(steps=3))

@@ -263,7 +263,8 @@ def _check_ranker(inputs: dict[str, Any], linked: dict[str, dict]) -> None:
     drafts = linked.get("drafts", {})
     if drafts.get("class_type") == "SolRLFP4Sampler" and "candidates" in drafts:
         try:
-            SelectSettings(**{k: v for k, v in inputs.items() if k in ("keep", "mode")}).check(drafts["candidates"])
+            kept = SelectSettings(**{k: v for k, v in inputs.items() if k in ("keep", "mode")})
+            kept.check(candidates=drafts["candidates"])
         except SettingError as e:
             raise InputError(e.name, e.detail) from None
 

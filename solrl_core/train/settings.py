@@ -48,7 +48,8 @@ class ExploreSettings(Settings):
     candidates: int = setting(96, min=1, max=4096, help="N: drafts per prompt.")
     steps: int = setting(6, min=1, max=1000, help="D: draft ODE steps.")
     precision: str = setting("low", choices=("low", "full"),
-                             help="full: sample with the full-precision copy (naive scaling / DiffusionNFT baselines).")
+                             help="full: sample with the full-precision copy (naive scaling / DiffusionNFT "
+                                  "baselines).")
     batch_size: int = setting(32, min=1, max=4096, help="Micro-batch for sampling.")
 
 

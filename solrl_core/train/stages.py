@@ -107,7 +107,8 @@ def select(batch: SampleBatch, s: SelectSettings) -> SampleBatch:
     s.check(candidates=batch.shape[1])
     start = time.perf_counter()
     session: TrainingSession = batch.session
-    idx = torch.cat([kept_indices(batch.rewards[i:i + 1], s.keep, s.mode, generator=session.generator(f"select/{pid}"))
+    idx = torch.cat([kept_indices(batch.rewards[i:i + 1], s.keep, s.mode,
+                                  generator=session.generator(f"select/{pid}"))
                      for i, pid in enumerate(batch.prompt_ids)])
     kept = batch.subset(idx)
     session.pending.update(_stats("kept_proxy_reward", kept.rewards))
