@@ -7,6 +7,7 @@ from PIL import Image
 
 from ..runtime import distributed as dp
 from ..runtime.context import current_context
+from ..runtime.metrics import metrics_log
 from ..train.report import metrics_plot, preview_grid
 from .registry import register
 from .spec import Input, OpSpec, Output
@@ -32,6 +33,7 @@ def preview_op(samples, max_prompts: int = 4, scale: int = 4) -> dict:
     path = session.run_dir / "previews" / f"iter-{session.iteration:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
+    metrics_log(session.run_dir).image("previews", grid, session.iteration)
     return {"ui": _ui(grid, path), "result": (samples, to_comfy_image(grid))}
 
 

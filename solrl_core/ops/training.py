@@ -2,14 +2,18 @@
 BF16 Regenerator and NFT Update. Thin: the work is in solrl_core.train."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..runtime import distributed as dp
 from ..runtime.context import MODEL_FOLDER_KINDS, REWARD_FOLDER_KINDS, current_context
 from ..runtime.files import check_writable
+from ..runtime.metrics import metrics_log
 from ..runtime.settings import SettingError
+from ..runtime.sinks import TensorBoardSink
 from ..train.settings import (
     EvaluateSettings,
     ExploreSettings,
@@ -165,6 +169,8 @@ register(OpSpec(
 
 # --- Training Run -----------------------------------------------------------------------------
 def _check_run(inputs: dict[str, Any], linked: dict[str, dict]) -> None:
+    if inputs.get("log_to") == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise InputError("log_to", 'TensorBoard logging needs the tensorboard package: pip install -e ".[tensorboard]"')
     ctx = current_context()
     run_dir = ctx.run_dir or ctx.runs_root / inputs.get("run_name", "sol_rl")
     try:
@@ -173,13 +179,17 @@ def _check_run(inputs: dict[str, Any], linked: dict[str, dict]) -> None:
         raise InputError("run_name", str(e)) from None
 
 
-def training_run_op(policy, prompts: list[str], run_name: str, mode: str, **settings) -> tuple:
+def training_run_op(policy, prompts: list[str], run_name: str, mode: str, log_to: str = "metrics.jsonl",
+                    **settings) -> tuple:
     from ..train.session import open_session
 
     ctx = current_context()
     run_dir = ctx.run_dir or ctx.runs_root / run_name
     config = SessionConfig(**settings)
     session = open_session(Path(run_dir), policy, prompts, config, mode=mode)
+    log = metrics_log(run_dir)
+    if log_to == "tensorboard" and dp.is_main() and not log.has_sink(TensorBoardSink):
+        log.add_sink(TensorBoardSink(run_dir))
     ctx.status(f"run {run_dir}: iteration {session.iteration} of {config.total_iterations}")
     return (session,)
 
@@ -197,6 +207,9 @@ register(OpSpec(
               tooltip="continue: resume from the latest checkpoint if there is one; new: start over."),
         Input.of(SessionConfig, "seed", seed=True),
         *(Input.of(SessionConfig, name) for name in ("total_iterations", "lora_rank", "lora_alpha", "full_finetune")),
+        Input("log_to", "COMBO", "metrics.jsonl", choices=("metrics.jsonl", "tensorboard"), optional=True,
+              tooltip="tensorboard: also write every metrics row and the previews as TensorBoard event files "
+                      "in the run's tensorboard/ folder (needs the tensorboard package)."),
     ),
     outputs=(Output("session", SESSION),),
     function=training_run_op,

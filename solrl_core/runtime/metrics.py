@@ -86,6 +86,9 @@ class MetricsLog:
     def add_sink(self, sink: MetricsSink) -> None:
         self.sinks.append(sink)
 
+    def has_sink(self, kind: type) -> bool:
+        return any(isinstance(s, kind) for s in self.sinks)
+
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
