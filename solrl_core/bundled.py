@@ -73,6 +73,12 @@ class Recipe:
     lora_rank: int = _RUN.lora_rank
     lora_alpha: float = _RUN.lora_alpha
     full_finetune: bool = _RUN.full_finetune  # train every weight instead of a LoRA (small models)
+    # Memory for time (same results): offload frozen parts, regenerate through the adapter,
+    # gradient checkpointing, 8-bit AdamW.
+    offload_frozen: bool = _RUN.offload_frozen
+    regenerator: str = _QUANT.regenerator
+    gradient_checkpointing: bool = _UPDATE.gradient_checkpointing
+    optimizer: str = _UPDATE.optimizer
     batch_size: int = _EXPLORE.batch_size
     audit_every: int = _REGEN.audit_every
     eval_every: int = 0  # held-out reward on fixed prompts and seeds (0: no Held-out Reward node)
@@ -90,9 +96,9 @@ class Recipe:
         return {
             "SolRLTrainingRun": ts.SessionConfig(seed=self.seed, total_iterations=self.iterations,
                                               lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-                                              full_finetune=self.full_finetune),
+                                              full_finetune=self.full_finetune, offload_frozen=self.offload_frozen),
             "SolRLRequantize": ts.RequantizeSettings(backend=self.backend if low else "none",
-                                                     min_dim=self.min_dim),
+                                                     min_dim=self.min_dim, regenerator=self.regenerator),
             "SolRLFP4Sampler": ts.ExploreSettings(prompts_per_iteration=self.prompts_per_iteration,
                                                candidates=self.candidates,
                                                steps=self.draft_steps if low else self.full_steps,
@@ -104,7 +110,9 @@ class Recipe:
                                                  every=self.eval_every),
             "SolRLNFTUpdate": ts.UpdateSettings(lr=self.lr, beta=self.beta, kl_coef=self.kl_coef,
                                              train_fraction=self.train_fraction, grad_clip=self.grad_clip,
-                                             micro_batch=self.micro_batch),
+                                             micro_batch=self.micro_batch,
+                                             gradient_checkpointing=self.gradient_checkpointing,
+                                             optimizer=self.optimizer),
         }
 
 

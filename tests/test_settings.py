@@ -28,7 +28,8 @@ def test_defaults_are_the_references():
     run = SessionConfig()
     assert (run.lora_rank, run.lora_alpha) == (32, 64.0)
     u = UpdateSettings()
-    assert u.optimizer() == {"lr": 3e-4, "weight_decay": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8}
+    assert u.optimizer_settings() == {"lr": 3e-4, "weight_decay": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
+                                     "kind": "adamw"}
     assert (u.beta, u.kl_coef, u.grad_clip, u.train_fraction) == (1.0, 1e-4, 1.0, 0.6)
 
 

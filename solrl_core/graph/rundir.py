@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..runtime.files import atomic_write_text
+from ..train.settings import MEMORY_SETTINGS
 from .workflow import ApiGraph, dump_json
 
 MANIFEST_PACKAGES = ("torch", "diffusers", "transformers", "peft", "safetensors", "open-clip-torch", "numpy",
@@ -48,6 +49,12 @@ def seeds_of(api: ApiGraph) -> dict[str, Any]:
             if "seed" in k and not isinstance(v, list)}
 
 
+def memory_settings_of(api: ApiGraph) -> dict[str, Any]:
+    """The settings that trade time for memory, by node (train.settings.MEMORY_SETTINGS)."""
+    return {f"{nid}.{k}": v for nid, e in api.items() for k, v in e.get("inputs", {}).items()
+            if k in MEMORY_SETTINGS and not isinstance(v, list)}
+
+
 def manifest(api: ApiGraph, workflow_path: str, argv: list[str]) -> dict[str, Any]:
     return {
         "workflow": str(workflow_path),
@@ -59,6 +66,7 @@ def manifest(api: ApiGraph, workflow_path: str, argv: list[str]) -> dict[str, An
         "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
         "seeds": seeds_of(api),
+        "memory": memory_settings_of(api),
         "git_commit": _git_commit(),
     }
 

@@ -112,6 +112,15 @@ class FlowPolicy:
     def _encode_uncached(self, prompt: str) -> Conditioning:
         raise NotImplementedError
 
+    def is_cached(self, prompts: Sequence[str]) -> bool:
+        """Whether `encode(prompts)` can answer from the cache (no text encoder needed)."""
+        return all(p in self._prompt_cache for p in ([prompts] if isinstance(prompts, str) else prompts))
+
+    def text_encoders(self) -> list[nn.Module]:
+        """The family's text encoders (what `encode` runs on a cache miss)."""
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return [m for m in (getattr(self, n, None) for n in names) if m is not None]
+
     # --- latents --------------------------------------------------------------------------
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """(C, h, w) of one latent for an image of height x width pixels."""

@@ -12,13 +12,21 @@ inside the context and call backward() after leaving it, as with LoRA.
 
 In both modes the same helpers apply: use_adapter, adapters_disabled, trainable_parameters,
 adapter_state / load_adapter_state, make_inference_copy / refresh_inference_copy.
+
+Precision: whatever the policy's dtype, the trained weights, the sampling weights (and so the EMA
+copied from them and the optimizer state built on them) are fp32 (`TRAINED_DTYPE`): a 3e-4 step on a
+bf16 weight of magnitude 1 would round away (bf16 keeps 8 significant bits). LoRA: the frozen base
+stays in the policy's dtype and peft computes each adapter in the adapter's dtype (it casts the layer
+input to fp32, then the sum back to the base output's dtype). Full fine-tuning: the parameters are
+fp32 master weights and the forward runs under autocast to the policy's dtype (`trained_forward`);
+the reference copy keeps the policy's dtype (it is never updated), inference copies are made in it.
 """
 from __future__ import annotations
 
 import copy
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +34,7 @@ from torch import Tensor, nn
 from .base import FlowPolicy
 
 TRAINED, SAMPLING, BASE = "default", "old", "base"
+TRAINED_DTYPE = torch.float32  # trained and sampling weights, whatever the policy's dtype
 _FULL_ATTR = "_solrl_full_copies"  # {"old": {param name: tensor}, "base": {...}} in full fine-tuning
 
 
@@ -40,11 +49,15 @@ def add_lora(policy: FlowPolicy, lora_rank: int = 32, lora_alpha: float = 64, in
     """
     model = policy.transformer
     if full_finetune:
+        base = {n: p.detach().clone() for n, p in model.named_parameters()}  # the policy's dtype: exact
+        for p in model.parameters():
+            p.data = p.data.to(TRAINED_DTYPE)  # buffers keep the policy's dtype
         model.requires_grad_(True)
-        snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
-        setattr(model, _FULL_ATTR, {SAMPLING: snapshot, BASE: {n: t.clone() for n, t in snapshot.items()}})
+        old = {n: p.detach().clone() for n, p in model.named_parameters()}
+        setattr(model, _FULL_ATTR, {SAMPLING: old, BASE: base})
         return model
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
 
     targets = list(target_modules or policy.lora_target_modules)
     config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=init, target_modules=targets,
@@ -54,6 +67,10 @@ def add_lora(policy: FlowPolicy, lora_rank: int = 32, lora_alpha: float = 64, in
     with warnings.catch_warnings():  # a second adapter on one model is what we want here
         warnings.filterwarnings("ignore", message=".*peft_config.*")
         inject_adapter_in_model(copy.deepcopy(config), model, adapter_name=SAMPLING)
+    # peft makes adapters in the base layer's dtype; its own upcast (what get_peft_model does by
+    # default, autocast_adapter_dtype=True) turns bf16 / fp16 adapters into fp32.
+    for name in (TRAINED, SAMPLING):
+        cast_adapter_dtype(model, name, autocast_adapter_dtype=True)
     load_adapter_state(model, SAMPLING, adapter_state(model, TRAINED))
     _set_active(model, TRAINED)
     return model
@@ -133,6 +150,16 @@ def use_adapter(model: nn.Module, name: str):
             yield model
         finally:
             _set_active(model, previous)
+
+
+def trained_forward(policy: FlowPolicy):
+    """The context for a forward of the trained model: autocast to the policy's dtype when it holds
+    fp32 master weights of a lower-precision policy (full fine-tuning); else nothing. (LoRA needs
+    none: the base keeps the policy's dtype and peft casts the adapters' input itself.)"""
+    model = policy.transformer
+    if is_full_finetune(model) and policy.dtype != TRAINED_DTYPE:
+        return torch.autocast(policy.device.type, dtype=policy.dtype)
+    return nullcontext()
 
 
 @contextmanager
@@ -225,14 +252,16 @@ def merged_weights(model: nn.Module, name: str = SAMPLING) -> dict[str, Tensor]:
     _check_adapter(model, name)
     merged = {}
     for module_name, layer in lora_layers(model):
-        base = layer.get_base_layer()
-        merged[module_name] = base.weight.detach() + layer.get_delta_weight(name).to(base.weight.dtype)
+        weight = layer.get_base_layer().weight.detach()
+        # One rounding to the base's dtype, of the sum computed in the adapter's precision (fp32).
+        merged[module_name] = (weight.to(TRAINED_DTYPE) + layer.get_delta_weight(name)).to(weight.dtype)
     return merged
 
 
 @torch.no_grad()
 def make_inference_copy(policy: FlowPolicy, adapter: str = SAMPLING) -> nn.Module:
-    """A separate plain transformer: base weights with `adapter` merged; no peft layers, frozen.
+    """A separate plain transformer in the policy's dtype: base weights with `adapter` merged; no
+    peft layers, frozen.
 
     The trained model is not modified. Quantize the copy afterwards if wanted. A model without
     adapters (no add_lora yet) gives a plain frozen copy of the base weights.
@@ -246,7 +275,7 @@ def make_inference_copy(policy: FlowPolicy, adapter: str = SAMPLING) -> nn.Modul
             setattr(model, _FULL_ATTR, copies)
         weights = merged_weights(model, adapter)
         for n, p in clone.named_parameters():
-            p.copy_(weights[n])
+            p.data = weights[n].to(policy.dtype, copy=True)
     elif not adapter_names(model):
         clone = copy.deepcopy(model)
     else:

@@ -210,6 +210,7 @@ register(OpSpec(
         Input("log_to", "COMBO", "metrics.jsonl", choices=("metrics.jsonl", "tensorboard"), optional=True,
               tooltip="tensorboard: also write every metrics row and the previews as TensorBoard event files "
                       "in the run's tensorboard/ folder (needs the tensorboard package)."),
+        Input.of(SessionConfig, "offload_frozen", optional=True),
     ),
     outputs=(Output("session", SESSION),),
     function=training_run_op,
@@ -238,6 +239,7 @@ register(OpSpec(
         Input.of(RequantizeSettings, "backend"),
         Input.of(RequantizeSettings, "min_dim", optional=True),
         Input.of(RequantizeSettings, "weight_tile", optional=True),
+        Input.of(RequantizeSettings, "regenerator", optional=True),
     ),
     outputs=(Output("session", SESSION),),
     function=requantize_op,
@@ -357,6 +359,14 @@ register(OpSpec(
 
 
 # --- NFT Update -------------------------------------------------------------------------------
+def _check_update(inputs: dict[str, Any], linked: dict[str, dict]) -> None:
+    from ..train.optimizers import missing_package
+
+    problem = missing_package(inputs.get("optimizer", "adamw"))
+    if problem:
+        raise InputError("optimizer", problem)
+
+
 def nft_update_op(samples, **settings) -> dict:
     from ..train.stages import update
 
@@ -385,10 +395,12 @@ register(OpSpec(
     inputs=(
         Input("samples", SAMPLES),
         *(Input.of(UpdateSettings, name) for name in NFT_UPDATE_INPUTS),
-        Input.of(UpdateSettings, "weight_decay", optional=True),
+        *(Input.of(UpdateSettings, name, optional=True)
+          for name in ("weight_decay", "gradient_checkpointing", "optimizer")),
     ),
     outputs=(Output("session", SESSION), Output("done", "BOOLEAN"), Output("status", "STRING")),
     function=nft_update_op,
+    validate=_check_update,
     output_node=True,
     always_run=True,
     trains=True,

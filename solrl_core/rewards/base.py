@@ -71,6 +71,18 @@ class Reward:
     def _load(self) -> None:
         pass
 
+    # --- placement ---------------------------------------------------------------------------------
+    def modules(self) -> list[torch.nn.Module]:
+        """The torch modules that score (default: every nn.Module attribute)."""
+        return [v for v in vars(self).values() if isinstance(v, torch.nn.Module)]
+
+    def to(self, device: str | torch.device) -> Reward:
+        """Move the loaded models, and the inputs of later calls, to `device` (offloading between stages)."""
+        self.device = torch.device(device)
+        for module in self.modules():
+            module.to(self.device)
+        return self
+
     # --- scoring -----------------------------------------------------------------------------------
     def __call__(self, images: ImageBatch, prompts: Sequence[str] | str) -> torch.Tensor:
         n = batch_len(images)

@@ -157,6 +157,10 @@ class ImageRewardScorer(Reward):
         self._model, self._tokenizer = model, tokenizer
         self._given = model is not None and tokenizer is not None
 
+    def modules(self) -> list[nn.Module]:
+        m = self._model
+        return [] if m is None else [m.vision, m.text, m.head]
+
     def required_files(self) -> list[RequiredFile]:
         if self._given:
             return []

@@ -19,6 +19,7 @@ class WeightedReward(Reward):
         if not rewards:
             raise ValueError("WeightedReward needs at least one (reward, weight) pair")
         self.rewards = [(r, float(w)) for r, w in rewards]
+        self.device = self.rewards[0][0].device  # where its parts score (Load Reward builds them on one device)
         self.keys = _unique_keys([r.name for r, _ in self.rewards])
         self.name = ",".join(f"{k}:{w:g}" for k, (_, w) in zip(self.keys, self.rewards))
 
@@ -32,6 +33,12 @@ class WeightedReward(Reward):
     def load(self) -> WeightedReward:
         for r, _ in self.rewards:
             r.load()
+        return self
+
+    def to(self, device) -> WeightedReward:
+        self.device = torch.device(device)
+        for r, _ in self.rewards:
+            r.to(device)
         return self
 
     def score(self, images: ImageBatch, prompts: Sequence[str] | str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

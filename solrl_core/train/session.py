@@ -13,6 +13,8 @@ import logging
 import shutil
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,19 +23,23 @@ import torch
 from torch import Tensor, nn
 
 from ..models import (
+    Conditioning,
     FlowPolicy,
     adapter_state,
     add_lora,
     load_adapter_state,
     make_inference_copy,
     refresh_inference_copy,
+    use_adapter,
 )
-from ..models.lora import SAMPLING, TRAINED, is_full_finetune
+from ..models.lora import SAMPLING, TRAINED, is_full_finetune, merged_weights, trained_forward
 from ..quant import DEFAULT_SKIP, QuantConfig, quantize_model, requantize_model
 from ..runtime import distributed as dp
 from ..runtime.files import atomic_write_text
 from ..runtime.metrics import metrics_log
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
+from .offload import Offloader
+from .optimizers import build_optimizer, kind_of, load_portable_state, portable_state, set_hyperparameters
 from .prompts import PromptCursor
 from .settings import RequantizeSettings, SessionConfig
 
@@ -44,9 +50,10 @@ EMA = "ema"  # the EMA copy of the trained adapter, kept by the session (evaluat
 
 @dataclass
 class InferenceCopies:
-    """The sampling policy merged into plain copies: full precision and low precision."""
+    """The sampling policy merged into plain copies: full precision (None: the regenerator samples
+    through the trained model with the sampling adapter active) and low precision."""
 
-    regenerator: nn.Module
+    regenerator: nn.Module | None
     explorer: nn.Module | None = None
     backend: str = "none"
     backend_reason: str = ""
@@ -71,7 +78,9 @@ class TrainingSession:
         self.pending: dict[str, Any] = {}
         self.pending_cursor: PromptCursor | None = None
         self._batches: list[weakref.ref] = []  # this iteration's sample batches, released at commit
+        self.offload = Offloader()
         self._prepare_model()
+        self.set_offload(config.offload_frozen)
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -106,10 +115,10 @@ class TrainingSession:
 
     def _restore(self, path: Path) -> None:
         tensors, optimizer, meta = load_checkpoint(path)
-        saved = SessionConfig(**meta["config"])
-        if saved != self.config:
-            diff = {k: (getattr(saved, k), getattr(self.config, k)) for k in asdict(saved)
-                    if getattr(saved, k) != getattr(self.config, k)}
+        saved = SessionConfig(**meta["config"]).run_identity()
+        given = self.config.run_identity()
+        if saved != given:
+            diff = {k: (saved[k], given[k]) for k in saved if saved[k] != given[k]}
             raise ValueError(f"run directory {self.run_dir} holds a run with other settings {diff} "
                              "(saved, given); choose mode 'new' or another run name")
         model = self.policy.transformer
@@ -121,7 +130,7 @@ class TrainingSession:
         self.metrics = meta["metrics"]
         self.optimizer_settings = meta.get("optimizer_settings")
         if optimizer is not None and self.optimizer_settings is not None:
-            self.make_optimizer(self.optimizer_settings).load_state_dict(optimizer)
+            load_portable_state(self.make_optimizer(self.optimizer_settings), optimizer)
         # The log may hold rows of an iteration that never reached its checkpoint, or lack the row of
         # one that did; other rows (Log Metric) stay.
         metrics_log(self.run_dir).restore(self.metrics)
@@ -148,12 +157,31 @@ class TrainingSession:
         """[P, N] sample seeds for this iteration; each seed alone fixes its initial noise."""
         return torch.randint(0, 2**31 - 1, (prompts, per_prompt), generator=self.generator("seeds"))
 
+    # --- memory ---------------------------------------------------------------------------------
+    def set_offload(self, enabled: bool) -> None:
+        """Training Run's offload_frozen: text encoders wait on the CPU from now on (the explorer and
+        reward models are parked by their stages)."""
+        self.offload.set_enabled(enabled)
+        self.offload.park(*self.policy.text_encoders())
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """The policy's conditioning; text encoders brought to the device only for a cache miss."""
+        if self.policy.is_cached(prompts):
+            return self.policy.encode(prompts)
+        with self.offload.resident(*self.policy.text_encoders()):
+            return self.policy.encode(prompts)
+
     # --- inference copies (Requantize) --------------------------------------------------------
     def refresh_copies(self, s: RequantizeSettings, cache_dequantized: bool = True) -> InferenceCopies:
-        """Merge the sampling adapter into the full-precision and low-precision copies."""
+        """Merge the sampling adapter into the full-precision and low-precision copies (with
+        `regenerator` "adapter", the low-precision one only)."""
         start = time.perf_counter()
+        merged = s.regenerator == "merged_copy"
+        if self.copies is not None and merged != (self.copies.regenerator is not None):
+            # The regenerator setting changed between presses: build or drop the merged copy.
+            self.copies.regenerator = make_inference_copy(self.policy, SAMPLING) if merged else None
         if self.copies is None:
-            regen = make_inference_copy(self.policy, SAMPLING)
+            regen = make_inference_copy(self.policy, SAMPLING) if merged else None
             explorer, choice_name, reason, report = None, "none", "full precision only", {}
             if s.backend != "none":
                 explorer = make_inference_copy(self.policy, SAMPLING)
@@ -168,41 +196,56 @@ class TrainingSession:
             self.copies = InferenceCopies(regen, explorer, choice_name, reason, report)
         elif self.copies_iteration != self.iteration:
             regen, explorer = self.copies.regenerator, self.copies.explorer
+            self.offload.fetch(explorer)  # parked after the last exploration
             if explorer is not None and is_full_finetune(self.policy.transformer):
-                refresh_inference_copy(regen, self.policy, SAMPLING)
-                requantize_model(explorer, regen)
+                if regen is not None:
+                    refresh_inference_copy(regen, self.policy, SAMPLING)
+                    requantize_model(explorer, regen)
+                else:  # the merged weights at the policy's dtype, as a merged copy would hold them
+                    weights = merged_weights(self.policy.transformer, SAMPLING)
+                    requantize_model(explorer, {k: v.to(self.policy.dtype) for k, v in weights.items()})
             else:  # LoRA: one merge refreshes both copies; the explorer re-quantizes only those layers
                 refresh_inference_copy([c for c in (regen, explorer) if c is not None], self.policy, SAMPLING)
         self.copies_iteration = self.iteration
         self.pending["time_requantize"] = time.perf_counter() - start
         self.pending["quant_backend"] = self.copies.backend
+        self.pending["regenerator"] = s.regenerator
+        self.pending["offload_frozen"] = self.offload.enabled
         return self.copies
 
-    def inference_model(self, precision: str) -> nn.Module:
+    @contextmanager
+    def sampling_model(self, precision: str) -> Iterator[nn.Module]:
+        """The sampling policy to sample with: the low-precision explorer, or at full precision the
+        merged copy, or (regenerator "adapter") the trained model with the sampling adapter active."""
         if self.copies is None or self.copies_iteration != self.iteration:
             raise RuntimeError("the inference copies are stale: run Requantize at the start of each iteration")
         if precision == "low":
             if self.copies.explorer is None:
                 raise RuntimeError("Requantize ran with backend 'none': there is no low-precision explorer")
-            return self.copies.explorer
-        return self.copies.regenerator
+            yield self.copies.explorer
+        elif self.copies.regenerator is not None:
+            yield self.copies.regenerator
+        else:
+            model = self.policy.transformer
+            with use_adapter(model, SAMPLING), trained_forward(self.policy):
+                yield model
 
     # --- optimizer ------------------------------------------------------------------------
     def make_optimizer(self, settings: dict[str, Any]) -> torch.optim.Optimizer:
         from ..models.lora import trainable_parameters
 
-        params = trainable_parameters(self.policy.transformer, TRAINED)
-        self.optimizer = torch.optim.AdamW(params, lr=settings["lr"], betas=tuple(settings["betas"]),
-                                           weight_decay=settings["weight_decay"], eps=settings["eps"])
+        self.optimizer = build_optimizer(trainable_parameters(self.policy.transformer, TRAINED), settings)
         self.optimizer_settings = dict(settings)
         return self.optimizer
 
     def get_optimizer(self, settings: dict[str, Any]) -> torch.optim.Optimizer:
-        if self.optimizer is None:
+        kind = settings.get("kind", "adamw")
+        if self.optimizer is None or (kind != kind_of(self.optimizer) and not self.optimizer.state):
             return self.make_optimizer(settings)
-        for group in self.optimizer.param_groups:  # hyper-parameters edited between queues apply
-            group["lr"], group["weight_decay"] = settings["lr"], settings["weight_decay"]
-            group["betas"], group["eps"] = tuple(settings["betas"]), settings["eps"]
+        if kind != kind_of(self.optimizer):
+            raise ValueError(f"UpdateSettings.optimizer: this run's optimizer state is {kind_of(self.optimizer)!r}, "
+                             f"not {kind!r}; keep {kind_of(self.optimizer)!r} or start a new run (mode new)")
+        set_hyperparameters(self.optimizer, settings)  # hyper-parameters edited between queues apply
         self.optimizer_settings = dict(settings)
         return self.optimizer
 
@@ -227,7 +270,7 @@ class TrainingSession:
                 "metrics": self.metrics, "optimizer_settings": self.optimizer_settings}
         if dp.is_main():  # every process holds the same weights and optimizer state
             save_checkpoint(self.run_dir, self.iteration, tensors,
-                            self.optimizer.state_dict() if self.optimizer is not None else None, meta)
+                            portable_state(self.optimizer) if self.optimizer is not None else None, meta)
         metrics_log(self.run_dir).append(row)
         dp.barrier()
         for ref in self._batches:
@@ -250,8 +293,10 @@ def open_session(run_dir: Path, policy: FlowPolicy, prompts: list[str], config: 
     else resumed from its latest checkpoint ("continue") or started afresh ("new")."""
     key = str(Path(run_dir).resolve())
     live = _SESSIONS.get(key)
-    if (mode == "continue" and live is not None and live.policy is policy and live.config == config
-            and live.prompts == prompts):
+    if (mode == "continue" and live is not None and live.policy is policy
+            and live.config.run_identity() == config.run_identity() and live.prompts == prompts):
+        live.config = config  # settings that may change between presses (offloading)
+        live.set_offload(config.offload_frozen)
         return live
     session = TrainingSession(run_dir, policy, prompts, config, resume=(mode == "continue"))
     _SESSIONS[key] = session

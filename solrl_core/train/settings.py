@@ -6,22 +6,40 @@ runtime.settings). Defaults are the reference's (algorithm.md sections 1 and 3).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ..quant.backends import BACKENDS
 from ..runtime.settings import Settings, setting
 from .selection import MODES, check_sizes
 
+# The settings that trade time for memory, by name (the run's manifest records them; the memory plan
+# counts them). None changes what a run computes beyond the rounding stated in its test.
+MEMORY_SETTINGS = ("offload_frozen", "regenerator", "gradient_checkpointing", "optimizer", "micro_batch",
+                   "batch_size")
+OPTIMIZERS = ("adamw", "adamw8bit")
+REGENERATORS = ("merged_copy", "adapter")
+
 
 @dataclass(frozen=True)
 class SessionConfig(Settings):
-    """What must stay the same for a run to be resumed (checked on resume)."""
+    """What must stay the same for a run to be resumed (checked on resume), and the run's offloading
+    (`PER_PRESS`: may change between presses)."""
+
+    PER_PRESS = ("offload_frozen",)
 
     seed: int = setting(0, min=0, max=2**31 - 1, help="Fixes every random draw of the run.")
     total_iterations: int = setting(100, min=1, max=10**7, help="The run ends after this many iterations.")
     lora_rank: int = setting(32, min=1, max=1024, help="LoRA rank r.")
     lora_alpha: float = setting(64.0, min=0.0, max=4096.0, help="LoRA alpha: the adapter is scaled by alpha / r.")
     full_finetune: bool = setting(False, help="Train every weight instead of LoRA (small models).")
+    offload_frozen: bool = setting(False, help="Keep frozen parts on the CPU outside the stages that use them: "
+                                               "text encoders after encoding, reward models outside scoring, "
+                                               "the explorer outside requantize and exploration (memory for "
+                                               "transfer time; same results).")
+
+    def run_identity(self) -> dict:
+        """The fields a resumed run must share with the saved one."""
+        return {k: v for k, v in asdict(self).items() if k not in self.PER_PRESS}
 
 
 @dataclass(frozen=True)
@@ -34,6 +52,10 @@ class RequantizeSettings(Settings):
     min_dim: int = setting(-1, min=-1, max=1 << 20,
                            help="Skip layers with max(in, out) <= this; -1: the model family's default.")
     weight_tile: str = setting("16x16", choices=("16x16", "1x16"), help="NVFP4 weight scaling block.")
+    regenerator: str = setting("merged_copy", choices=REGENERATORS,
+                               help="merged_copy: regenerate with a separate full-precision copy with the sampling "
+                                    "adapter merged (fastest); adapter: through the trained model with the sampling "
+                                    "adapter active (one full copy less; LoRA layers add a little time).")
 
     @property
     def tile(self) -> tuple[int, int]:
@@ -103,11 +125,17 @@ class UpdateSettings(Settings):
                                          "(0.6 SANA / SD3.5, 0.4 FLUX.1).")
     grad_clip: float = setting(1.0, min=0.0, max=1e6, step=0.001, help="Gradient-norm clip (SD3.5 preset: 0.002).")
     micro_batch: int = setting(8, min=1, max=4096, help="Samples per forward pass (memory).")
+    gradient_checkpointing: bool = setting(False, help="Keep only block inputs in the trained forward and recompute "
+                                                       "the rest in backward (less memory, about a forward more "
+                                                       "time; same gradients).")
+    optimizer: str = setting("adamw", choices=OPTIMIZERS,
+                             help="adamw: fp32 moments (8 bytes per trained weight); adamw8bit: torchao's 8-bit "
+                                  "AdamW (2 bytes; pip install -e \".[adamw8bit]\").")
     weight_decay: float = setting(1e-4, min=0.0, max=1.0, step=1e-5, help="AdamW weight decay.")
     adam_beta1: float = setting(0.9, min=0.0, max=0.999999, help="AdamW beta1.")
     adam_beta2: float = setting(0.999, min=0.0, max=0.999999, help="AdamW beta2.")
     adam_eps: float = setting(1e-8, min=0.0, max=1.0, help="AdamW epsilon.")
 
-    def optimizer(self) -> dict:
+    def optimizer_settings(self) -> dict:
         return {"lr": self.lr, "weight_decay": self.weight_decay, "betas": [self.adam_beta1, self.adam_beta2],
-                "eps": self.adam_eps}
+                "eps": self.adam_eps, "kind": self.optimizer}

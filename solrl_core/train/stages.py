@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 from ..models import adapter_state, adapters_disabled, load_adapter_state, use_adapter
-from ..models.lora import SAMPLING, TRAINED, trainable_parameters
+from ..models.lora import SAMPLING, TRAINED, trainable_parameters, trained_forward
 from ..runtime import distributed as dp
 from ..runtime.context import current_context
 from ..sampling import sample
@@ -46,7 +47,8 @@ def _each_sample(prompts: list[str], per_prompt: int) -> list[str]:
 def score(session: TrainingSession, reward, latents: Tensor, prompts: list[str]) -> tuple[Tensor, dict, Tensor]:
     """Decode [B, ...] latents and score them: (total [B], components {name: [B]}, images)."""
     images = session.policy.decode(latents.to(session.policy.device)).float().cpu()
-    total, components = reward.score(images, prompts)
+    with session.offload.resident(reward):
+        total, components = reward.score(images, prompts)
     return total.float(), {k: v.float() for k, v in components.items()}, images
 
 
@@ -54,10 +56,9 @@ def _generate(session: TrainingSession, precision: str, prompts: list[str], seed
               batch_size: int, desc: str) -> Tensor:
     """Sample seeds [P, M] for prompts [P] -> latents [P, M, ...], with progress and interruption."""
     ctx = current_context()
-    model = session.inference_model(precision)
     p, m = seeds.shape
     flat_prompts = _each_sample(prompts, m)
-    cond = session.policy.encode(flat_prompts)
+    cond = session.encode(flat_prompts)
     bar = ctx.progress(steps, desc)
 
     def progress(done: int, total: int) -> None:
@@ -65,8 +66,9 @@ def _generate(session: TrainingSession, precision: str, prompts: list[str], seed
         bar.update(done, total)
 
     try:
-        x0 = sample(session.policy, model, cond, seeds.flatten().tolist(), steps, batch_size=batch_size,
-                    progress=progress)
+        with session.sampling_model(precision) as model:
+            x0 = sample(session.policy, model, cond, seeds.flatten().tolist(), steps, batch_size=batch_size,
+                        progress=progress)
     finally:
         bar.close()
     return x0.reshape(p, m, *x0.shape[1:])
@@ -94,6 +96,8 @@ def explore(session: TrainingSession, reward, s: ExploreSettings) -> SampleBatch
     rows = dp.local_rows(len(all_prompts))  # this process's prompts; seeds as one process would draw them
     prompts, seeds = [all_prompts[i] for i in rows], all_seeds[rows]
     latents = _generate(session, s.precision, prompts, seeds, s.steps, s.batch_size, f"explore ({s.precision})")
+    if session.copies is not None:
+        session.offload.park(session.copies.explorer)  # until the next Requantize
     batch = _scored_batch(session, reward, prompts, seeds, latents, s.precision, s.steps, rows)
     session.pending.update(_stats("draft_reward", batch.rewards))
     session.pending["draft_dropped"] = int(dp.sum_((~torch.isfinite(batch.rewards)).sum()))
@@ -170,6 +174,38 @@ def evaluate(batch: SampleBatch, reward, s: EvaluateSettings) -> SampleBatch:
     return batch
 
 
+@contextmanager
+def _training_mode(model, gradient_checkpointing: bool):
+    """Train mode for the update; with gradient checkpointing, diffusers' own (block inputs kept, the
+    rest recomputed in backward), off again afterwards (sampling never records a graph)."""
+    if gradient_checkpointing and not hasattr(model, "enable_gradient_checkpointing"):
+        raise ValueError(f"UpdateSettings.gradient_checkpointing: {type(model).__name__} has no gradient "
+                         "checkpointing (a diffusers model has)")
+    model.train()
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if gradient_checkpointing:
+            model.disable_gradient_checkpointing()
+        model.eval()
+
+
+def _sum_gradients(params) -> None:
+    """Sum gradients over processes. A parameter that got no gradient on any process (full fine-tuning:
+    a weight the forward never used) keeps none, so the optimizer leaves it alone (AdamW would decay it,
+    and move it by its old moments); where only some processes have one, the others add zeros."""
+    had = dp.sum_(torch.tensor([float(p.grad is not None) for p in params]))
+    for p, any_grad in zip(params, had.tolist()):
+        if not any_grad:
+            p.grad = None
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dp.sum_(p.grad)
+
+
 def update(batch: SampleBatch, s: UpdateSettings) -> dict[str, float]:
     """DiffusionNFT on a batch: gradients of every (micro-batch, timestep) pair accumulate into
     exactly one optimizer step; then the sampling adapter and the EMA follow."""
@@ -192,8 +228,9 @@ def update(batch: SampleBatch, s: UpdateSettings) -> dict[str, float]:
     x0_all = batch.latents.flatten(0, 1)[valid].to(policy.device, torch.float32)
     r_all = r_opt.flatten()[valid]
     n = x0_all.shape[0]
-    stats = {"dropped": int(dp.sum_(torch.tensor((~valid).sum().item()))), "skipped_nonfinite": 0}
-    optimizer = session.get_optimizer(s.optimizer())
+    stats = {"dropped": int(dp.sum_(torch.tensor((~valid).sum().item()))), "skipped_nonfinite": 0,
+             "gradient_checkpointing": s.gradient_checkpointing, "optimizer": s.optimizer}
+    optimizer = session.get_optimizer(s.optimizer_settings())
     optimizer.zero_grad(set_to_none=True)
     params = trainable_parameters(model, TRAINED)
     rollout_sigmas = policy.sigmas(batch.steps, *policy.image_size_of(batch.latents[0, :1]))[:-1].float()
@@ -205,43 +242,39 @@ def update(batch: SampleBatch, s: UpdateSettings) -> dict[str, float]:
         gens = {g: session.generator(f"train/{g}") for g in ids}
         choice = torch.stack([torch.randperm(len(rollout_sigmas), generator=gens[g])[:t_train] for g in ids])
         # Clones: hosts may have made these under inference mode, which autograd cannot save.
-        cond_all = policy.encode(prompts).clone()
+        cond_all = session.encode(prompts).clone()
         x0_all = x0_all.clone()
         bar = ctx.progress(n_local_pairs, "NFT update")
-        model.train()
         done = 0
-        for b0 in range(0, n, s.micro_batch):
-            x0 = x0_all[b0:b0 + s.micro_batch]
-            cond = cond_all.index(list(range(b0, b0 + x0.shape[0])))
-            r = r_all[b0:b0 + x0.shape[0]].to(policy.device)
-            for j in range(t_train):
-                ctx.check_interrupt()
-                t = rollout_sigmas[choice[b0:b0 + x0.shape[0], j]].to(policy.device)
-                eps = torch.cat([torch.randn((1, *x0.shape[1:]), generator=gens[g])
-                                 for g in ids[b0:b0 + x0.shape[0]]]).to(policy.device)
-                x_t = noised(x0, eps, t)
-                with torch.no_grad():
-                    with use_adapter(model, SAMPLING):
-                        v_old = policy.velocity(model, x_t, t, cond).float()
-                    v_ref = None
-                    if s.kl_coef > 0:
-                        with adapters_disabled(model):
-                            v_ref = policy.velocity(model, x_t, t, cond).float()
-                v = policy.velocity(model, x_t, t, cond).float()
-                out = nft_loss(v, v_old, v_ref, x_t, x0, t, r, beta=s.beta, kl_coef=s.kl_coef)
-                if not torch.isfinite(out.loss):
-                    stats["skipped_nonfinite"] += 1
-                else:
-                    (out.loss / n_pairs).backward()
-                    sums += torch.tensor([out.loss.item(), out.kl.item(), 1.0], dtype=torch.float64)
-                done += 1
-                bar.update(done, n_local_pairs)
+        with _training_mode(model, s.gradient_checkpointing), trained_forward(policy):
+            for b0 in range(0, n, s.micro_batch):
+                x0 = x0_all[b0:b0 + s.micro_batch]
+                cond = cond_all.index(list(range(b0, b0 + x0.shape[0])))
+                r = r_all[b0:b0 + x0.shape[0]].to(policy.device)
+                for j in range(t_train):
+                    ctx.check_interrupt()
+                    t = rollout_sigmas[choice[b0:b0 + x0.shape[0], j]].to(policy.device)
+                    eps = torch.cat([torch.randn((1, *x0.shape[1:]), generator=gens[g])
+                                     for g in ids[b0:b0 + x0.shape[0]]]).to(policy.device)
+                    x_t = noised(x0, eps, t)
+                    with torch.no_grad():
+                        with use_adapter(model, SAMPLING):
+                            v_old = policy.velocity(model, x_t, t, cond).float()
+                        v_ref = None
+                        if s.kl_coef > 0:
+                            with adapters_disabled(model):
+                                v_ref = policy.velocity(model, x_t, t, cond).float()
+                    v = policy.velocity(model, x_t, t, cond).float()
+                    out = nft_loss(v, v_old, v_ref, x_t, x0, t, r, beta=s.beta, kl_coef=s.kl_coef)
+                    if not torch.isfinite(out.loss):
+                        stats["skipped_nonfinite"] += 1
+                    else:
+                        (out.loss / n_pairs).backward()
+                        sums += torch.tensor([out.loss.item(), out.kl.item(), 1.0], dtype=torch.float64)
+                    done += 1
+                    bar.update(done, n_local_pairs)
         bar.close()
-        model.eval()
-    for p in params:  # processes with nothing to train still take part in the sums
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dp.sum_(p.grad)
+    _sum_gradients(params)
     dp.sum_(sums)
     stats["skipped_nonfinite"] = int(dp.sum_(torch.tensor(stats["skipped_nonfinite"])))
     loss_sum, kl_sum, pairs_done = sums[0].item(), sums[1].item(), int(sums[2].item())
