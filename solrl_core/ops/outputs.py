@@ -92,7 +92,9 @@ register(OpSpec(
     id="SolRLSaveLoRA", display_name="Save LoRA", category=CAT,
     description="Saves the trained adapter (EMA by default, as used for evaluation) as safetensors: "
                 "diffusers / peft format (load_lora_weights) and ComfyUI's LoRA-loader format, with the "
-                "base model, iteration and rewards in the metadata.",
+                "base model, iteration and rewards in the metadata. With full fine-tuning: a diffusers "
+                "transformer folder (from_pretrained) whose single safetensors file ComfyUI's Load Diffusion "
+                "Model reads for FLUX.1 and SD3.",
     inputs=(
         Input("session", SESSION),
         Input("weights", "COMBO", "ema", choices=("ema", "default", "old")),

@@ -1,9 +1,14 @@
-"""Export trained weights: a LoRA file that both diffusers and ComfyUI load.
+"""Export trained weights that both diffusers and ComfyUI load.
 
-Keys are diffusers' ("transformer.<module>.lora_A.weight" / ".lora_B.weight"), which
+LoRA: one file with diffusers' keys ("transformer.<module>.lora_A.weight" / ".lora_B.weight"), which
 `pipe.load_lora_weights` reads and ComfyUI's LoRA loader maps for FLUX.1 and SD3 (it accepts the
 "transformer." prefix for those families). The LoRA scale alpha / rank is folded into lora_B,
 so loaders that assume alpha = rank (no ".alpha" key) reproduce the adapter exactly.
+
+Full fine-tuning: a diffusers transformer folder (config.json + one diffusion_pytorch_model.safetensors)
+in the policy's dtype: `<Family>Transformer2DModel.from_pretrained(folder)` loads it, and the single
+safetensors file, in diffusers' key layout, is what ComfyUI's diffusion-model loader reads for FLUX.1
+and SD3 (it converts diffusers MMDiT keys itself).
 """
 from __future__ import annotations
 
@@ -41,23 +46,49 @@ def metadata(session: TrainingSession, which: str) -> dict[str, str]:
         "weights": which,
         "iterations": session.iteration,
         "reward_mean": last.get("reward_mean"),
-        "lora_rank": session.config.lora_rank,
-        "lora_alpha_folded": session.config.lora_alpha,
         "seed": session.config.seed,
         "trainer": "Sol-RL (DiffusionNFT)",
     }
+    if is_full_finetune(session.policy.transformer):
+        info["full_finetune"] = True
+    else:
+        info.update(lora_rank=session.config.lora_rank, lora_alpha_folded=session.config.lora_alpha)
     return {"solrl": json.dumps(info), "format": "pt"}
 
 
+TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name for unsharded weights
+
+
+def transformer_state_dict(session: TrainingSession, which: str = EMA) -> dict[str, Tensor]:
+    """Full fine-tuning: the whole transformer state dict with weights `which`, in the policy's dtype."""
+    model = session.policy.transformer
+    chosen = _weights(session, which)
+    state = {}
+    for key, value in model.state_dict().items():  # parameters and persistent buffers, diffusers' names
+        value = chosen.get(key, value)
+        state[key] = value.detach().to("cpu", session.policy.dtype if value.is_floating_point() else None)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def save_transformer(session: TrainingSession, which: str, folder: Path) -> Path:
+    """A diffusers transformer folder of the fine-tuned weights `which`; returns its weights file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    session.policy.transformer.save_config(str(folder))
+    path = folder / TRANSFORMER_WEIGHTS
+    save_file(transformer_state_dict(session, which), path, metadata=metadata(session, which))
+    return path
+
+
 def save_lora(session: TrainingSession, which: str = EMA, filename: str = "sol_rl_lora") -> list[Path]:
+    """LoRA: `<run>/lora/<filename>.safetensors`. Full fine-tuning: the diffusers transformer folder
+    `<run>/transformer/<filename>/`; returns the weights file first, then the folder."""
+    name = Path(filename).name.removesuffix(".safetensors")
+    if is_full_finetune(session.policy.transformer):
+        folder = session.run_dir / "transformer" / name
+        return [save_transformer(session, which, folder), folder]
     folder = session.run_dir / "lora"
     folder.mkdir(parents=True, exist_ok=True)
-    name = Path(filename).name.removesuffix(".safetensors")
     path = folder / f"{name}.safetensors"
-    if is_full_finetune(session.policy.transformer):
-        state = {k: v.detach().float().cpu().contiguous() for k, v in _weights(session, which).items()}
-        save_file(state, path, metadata=metadata(session, which))
-    else:
-        save_file(lora_state_dict(session, which), path, metadata=metadata(session, which))
+    save_file(lora_state_dict(session, which), path, metadata=metadata(session, which))
     return [path]
 
