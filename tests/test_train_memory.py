@@ -312,11 +312,16 @@ def test_adamw8bit_resumes_exactly(tmp_path, eager_torchao):
 @needs_torchao
 @pytest.mark.slow
 def test_adamw8bit_compiled_as_torchao_runs_it(tmp_path):
-    """torchao's compiled step (inductor on CPU): the same weights as the eager one, to fp32 rounding."""
+    """torchao's compiled step (inductor on CPU, tens of seconds per tensor shape). Fused arithmetic can
+    round a moment to the neighbouring 8-bit code, which moves that weight at step 2 by up to ~lr / 10
+    (measured 1e-4 at lr 1e-3): the total change stays within 1% in norm of the eager one."""
+    start = adapter_state(_session(tmp_path, "start", lora_rank=32).policy.transformer, TRAINED)
     compiled = _two_updates(_session(tmp_path, "compiled", lora_rank=32), "adamw8bit")
     with torch.compiler.set_stance("force_eager"):
         eager = _two_updates(_session(tmp_path, "eager", lora_rank=32), "adamw8bit")
-    assert max((compiled[k] - eager[k]).abs().max().item() for k in eager) < 1e-6
+    d_compiled = torch.cat([(compiled[k] - start[k]).flatten() for k in start])
+    d_eager = torch.cat([(eager[k] - start[k]).flatten() for k in start])
+    assert (d_compiled - d_eager).norm() <= 0.01 * d_eager.norm(), ((d_compiled - d_eager).norm(), d_eager.norm())
 
 
 def test_adamw8bit_without_torchao_is_a_one_line_error_before_compute(tmp_path, capsys, monkeypatch):
