@@ -14,7 +14,13 @@ from solrl_core.models.published import (
     parameter_count,
     published_folder,
 )
-from solrl_core.quant import Int8DynamicLinear, NVFP4Linear, QuantConfig, quantized_weight_nbytes, select_layers
+from solrl_core.quant import (
+    Int8DynamicLinear,
+    NVFP4Linear,
+    QuantConfig,
+    quantized_weight_nbytes,
+    select_layers,
+)
 from solrl_core.quant.model import skip_reason
 
 FAMILIES = ("sana", "flux", "sd3")
