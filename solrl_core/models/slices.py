@@ -21,6 +21,9 @@ from .published import build_component, component_config, pipeline_index, publis
 # block is a context-pre-only one, so two blocks keep both kinds).
 SLICE_DEPTH = {"sana": {"num_layers": 1}, "flux": {"num_layers": 1, "num_single_layers": 1},
                "sd3": {"num_layers": 2}}
+# The cheapest slice of each family: one block (FLUX.1: single-stream, 38 of its 57 blocks; SD3.5:
+# its last, context-pre-only kind, which quantizes the same feed-forward layers as the others).
+ONE_BLOCK = {"sana": {"num_layers": 1}, "flux": {"num_layers": 0, "num_single_layers": 1}, "sd3": {"num_layers": 1}}
 
 # Character-level vocabularies: every prompt made of lowercase words, digits and basic punctuation
 # tokenizes without unknown tokens, so tokenizers need no merges or trained models.
