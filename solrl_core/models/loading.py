@@ -45,7 +45,7 @@ def load_policy(source: str, family: str = "auto", device: torch.device | str = 
                                  f"meta-device checks): point to a downloaded model")
     index = json.loads((root / "model_index.json").read_text())
     fam = detect_family(root, index) if family == "auto" else family
-    options = {**_read_settings(root), **settings}
+    options = {**read_settings(root), **settings}
     components = _load_components(root, index, fam, dtype, transformer_file)
     return policy_from_components(fam, components, device, dtype, str(transformer_file or source), **options)
 
@@ -151,7 +151,7 @@ def detect_family(root: Path, index: dict) -> str:
                      f"one of {', '.join(FAMILIES)}")
 
 
-def _read_settings(root: Path) -> dict:
+def read_settings(root: Path) -> dict:
     path = root / SETTINGS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 

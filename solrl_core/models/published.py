@@ -94,5 +94,38 @@ def build_component(folder: Path | str, name: str, device: torch.device | str = 
     return nn.Module.to(module, dtype)  # (diffusers' own .to warns for every model without any)
 
 
+def build_scheduler(folder: Path | str):
+    """The pipeline's scheduler from its scheduler_config.json (None when the pipeline has none)."""
+    spec = pipeline_index(folder).get("scheduler")
+    if spec is None:
+        return None
+    import diffusers
+
+    cls = getattr(diffusers, spec[1])
+    return cls.from_config(cls.load_config(str(Path(folder) / "scheduler")))
+
+
 def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def write_config_folder(components: dict, folder: Path | str, pipeline_class: str) -> Path:
+    """A config-only diffusers folder describing in-memory components (for --plan and meta builds):
+    model_index.json, each model's config, tokenizer files (small for code-built tokenizers), no weights."""
+    folder = Path(folder)
+    index: dict = {"_class_name": pipeline_class}
+    for name, part in components.items():
+        if part is None:
+            continue
+        library = type(part).__module__.split(".")[0]
+        index[name] = [library, type(part).__name__]
+        target = folder / name
+        if hasattr(part, "save_config"):  # diffusers models and schedulers
+            part.save_config(target)
+        elif hasattr(part, "save_pretrained") and not isinstance(part, nn.Module):  # tokenizers
+            part.save_pretrained(str(target))
+        else:  # transformers models
+            part.config.save_pretrained(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder

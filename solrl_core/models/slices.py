@@ -15,7 +15,7 @@ import torch
 
 from .base import FlowPolicy
 from .loading import policy_from_components
-from .published import build_component, component_config, pipeline_index, published_folder
+from .published import build_component, build_scheduler, component_config, pipeline_index, published_folder
 
 # Blocks kept per family (FLUX.1: one double-stream and one single-stream block; SD3.5: its last
 # block is a context-pre-only one, so two blocks keep both kinds).
@@ -67,7 +67,7 @@ _SMALL_TEXT = {
 }
 
 
-def _small_vae(family_folder, latent_channels: int):
+def small_vae(family_folder, latent_channels: int):
     """Two levels (spatial factor 2), the published latent channels and scaling constants."""
     from diffusers import AutoencoderDC, AutoencoderKL
 
@@ -88,21 +88,20 @@ def _small_vae(family_folder, latent_channels: int):
                          shift_factor=published.get("shift_factor"))
 
 
-def build_slice(family: str, *, depth: dict[str, int] | None = None, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32, seed: int = 0, max_sequence_length: int = 8,
-                **settings) -> FlowPolicy:
-    """A random-weight real-width slice of the family's published model as a ready policy.
+def slice_components(family: str, *, depth: dict[str, int] | None = None, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """Pipeline components of a random-weight real-width slice (see build_slice).
 
-    depth: transformer config overrides (default SLICE_DEPTH[family]; pass the published values for
-    the full-depth model). settings: adapter options (e.g. resolution=(32, 32)).
+    depth: transformer config overrides (default SLICE_DEPTH[family]; the published values give
+    the full-size transformer; width keys shrink it, for dry runs).
     """
-    import diffusers
     import transformers
 
     folder = published_folder(family)
     torch.manual_seed(seed)
     components = {"transformer": build_component(folder, "transformer", device, dtype,
                                                  **(SLICE_DEPTH[family] if depth is None else depth))}
+    components["transformer"].requires_grad_(True)  # as a loaded model's
     model_index = pipeline_index(folder)
     for name, (_, class_name) in model_index.items():
         if name.startswith("tokenizer"):
@@ -115,13 +114,23 @@ def build_slice(family: str, *, depth: dict[str, int] | None = None, device: tor
             small.update(_SMALL_TEXT[config["model_type"]], vocab_size=len(tokenizer))
             hf_config = transformers.AutoConfig.for_model(**small)
             components[name] = getattr(transformers, class_name)._from_config(hf_config).to(device, dtype)
-        elif name == "scheduler":
-            cls = getattr(diffusers, class_name)
-            components[name] = cls.from_config(cls.load_config(str(folder / name)))
+    components["scheduler"] = build_scheduler(folder)
     latent_channels = component_config(folder, "vae")["latent_channels"]
-    components["vae"] = _small_vae(folder, latent_channels).to(device, dtype)
+    components["vae"] = small_vae(folder, latent_channels).to(device, dtype)
+    return components
+
+
+def build_slice(family: str, *, depth: dict[str, int] | None = None, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32, seed: int = 0, max_sequence_length: int = 8,
+                **settings) -> FlowPolicy:
+    """A random-weight real-width slice of the family's published model as a ready policy.
+
+    depth: transformer config overrides (default SLICE_DEPTH[family]). settings: adapter options
+    (e.g. resolution=(32, 32)).
+    """
+    components = slice_components(family, depth=depth, device=device, dtype=dtype, seed=seed)
     settings.setdefault("max_sequence_length", max_sequence_length)
     if family == "sana":
         settings.setdefault("complex_human_instruction", ())
-    components["transformer"].requires_grad_(True)
-    return policy_from_components(family, components, device, dtype, f"slice of {folder.name}", **settings)
+    return policy_from_components(family, components, device, dtype, f"slice of {published_folder(family).name}",
+                                  **settings)

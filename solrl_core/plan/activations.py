@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ..models.base import Conditioning, FlowPolicy
-from ..models.loading import policy_from_components
+from ..models.loading import policy_from_components, read_settings
 from ..models.lora import SAMPLING, adapters_disabled, add_lora, trainable_parameters, use_adapter
-from ..models.published import build_component, component_config, pipeline_index
+from ..models.published import build_component, build_scheduler, component_config, pipeline_index
 from ..models.slices import SLICE_DEPTH
 from ..quant.layers import as_matrix
 from ..quant.model import select_layers
@@ -29,25 +29,19 @@ from .trace import trace_peak
 META = torch.device("meta")
 
 
-def _diffusers_class(library_and_class: tuple[str, str]):
-    import diffusers
-
-    return getattr(diffusers, library_and_class[1])
-
-
 def meta_policy(folder: Path, family: str, dtype: torch.dtype, depth: dict[str, int] | None = None,
                 settings: dict | None = None) -> FlowPolicy:
     """The family's adapter around a meta-device transformer (optionally fewer blocks) and VAE;
-    no text encoders (conditioning is given as shapes)."""
+    no text encoders (conditioning is given as shapes). `settings`: adapter options over those of the
+    folder's solrl.json (resolution, max_sequence_length, ...), as load_policy takes them."""
     index = pipeline_index(folder)
     components: dict = {name: None for name in index}
     components["transformer"] = build_component(folder, "transformer", META, dtype, **(depth or {}))
     if "vae" in index:
         components["vae"] = build_component(folder, "vae", META, dtype)
-    if "scheduler" in index:
-        cls = _diffusers_class(index["scheduler"])
-        components["scheduler"] = cls.from_config(cls.load_config(str(folder / "scheduler")))
-    return policy_from_components(family, components, META, dtype, str(folder), **(settings or {}))
+    components["scheduler"] = build_scheduler(folder)
+    options = {**read_settings(folder), **(settings or {})}
+    return policy_from_components(family, components, META, dtype, str(folder), **options)
 
 
 def placeholder_conditioning(policy: FlowPolicy, batch: int, device: torch.device = META) -> Conditioning:

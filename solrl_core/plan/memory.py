@@ -134,8 +134,13 @@ def resolve_backend(requested: str, explore_precision: str, override: str | None
 
 
 def plan_memory(folder: Path | str, family: str, shape: IterationShape, settings: MemorySettings | None = None,
-                device_memory_bytes: int | None = None, source: str = "") -> MemoryPlan:
-    """The memory plan of one iteration of `shape` for the pipeline in `folder` (configs suffice)."""
+                device_memory_bytes: int | None = None, source: str = "", policy_settings: dict | None = None
+                ) -> MemoryPlan:
+    """The memory plan of one iteration of `shape` for the pipeline in `folder` (configs suffice).
+
+    policy_settings: adapter options as load_policy takes them (resolution, max_sequence_length, ...);
+    the folder's solrl.json and the family's defaults otherwise.
+    """
     settings = settings or MemorySettings()
     folder = Path(folder)
     e = element_size(settings.dtype)
@@ -151,7 +156,7 @@ def plan_memory(folder: Path | str, family: str, shape: IterationShape, settings
     chosen, _ = select_layers(transformer, qconfig)
     quant_shapes = {n: tuple(m.weight.reshape(m.weight.shape[0], -1).shape) for n, m in chosen.items()}
     quantized_params = sum(o * i for o, i in quant_shapes.values())
-    policy = act.meta_policy(folder, family, settings.dtype)
+    policy = act.meta_policy(folder, family, settings.dtype, settings=policy_settings)
     lora = _lora_parameters(transformer, policy.lora_target_modules, shape.lora_rank)
     trained = params["transformer"] if shape.full_finetune else lora
     components: dict[str, int] = {"transformer": params["transformer"] * (et if shape.full_finetune else e)}
@@ -188,7 +193,7 @@ def plan_memory(folder: Path | str, family: str, shape: IterationShape, settings
     # --- activations per stage ----------------------------------------------------------------
     options = act.UpdateOptions(shape.lora_rank, shape.lora_alpha, shape.full_finetune, settings.trained_dtype,
                                 settings.gradient_checkpointing, kl=True)
-    traces = _stage_traces(folder, family, settings, shape, backend, qconfig, options)
+    traces = _stage_traces(folder, family, settings, shape, backend, qconfig, options, policy_settings)
     stage_acts = {
         "encode": max((act.text_encoder_trace(folder, n, settings.dtype, policy.conditioning_shape().tokens)
                        for n in encoders), default=0),
@@ -252,11 +257,11 @@ def _requantize_transient(transformer, policy, chosen, shape, backend, e, explor
     return max(refresh, build)
 
 
-def _stage_traces(folder, family, settings, shape, backend, qconfig, options) -> dict[str, int]:
+def _stage_traces(folder, family, settings, shape, backend, qconfig, options, policy_settings) -> dict[str, int]:
     full = act.depth_of(folder, family)
 
     def plain(depth):
-        return act.meta_policy(folder, family, settings.dtype, depth)
+        return act.meta_policy(folder, family, settings.dtype, depth, policy_settings)
 
     def explore(depth):
         policy = plain(depth)
