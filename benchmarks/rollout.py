@@ -78,14 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = {"naive BF16 scaling (N at full precision, F steps)": naive,
              "Sol-RL, emulated NVFP4 explorer": sol_rl("emulated"),
              "Sol-RL, cpu_int8 explorer": sol_rl("cpu_int8")}
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn in cases.values():  # warm-up (prompt encodings, kernels)
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+    times = interleaved_times(cases, args.repeats)
 
     base = statistics.median(times[next(iter(cases))])
     lines = [
@@ -109,6 +102,20 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
 
+
+
+def interleaved_times(cases: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each case: one warm-up round (prompt encodings, kernels), then `repeats`
+    rounds calling the cases in turn, so machine load hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for fn in cases.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
 
 
 # --- Real-width slices --------------------------------------------------------------------------
@@ -154,15 +161,7 @@ def slice_rollouts(family: str, args) -> tuple[dict[str, list[float]], int]:
         return run
 
     cases = {"naive": naive, "emulated": sol_rl("emulated"), "cpu_int8": sol_rl("cpu_int8")}
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn in cases.values():
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return times, parameter_count(policy.transformer)
+    return interleaved_times(cases, args.repeats), parameter_count(policy.transformer)
 
 
 def slice_table(args) -> list[str]:
