@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 from typing import Any
 
 from ..ops.registry import get_op
@@ -21,10 +22,12 @@ def _err(msg: str, source: str, nid: str, entry: dict, input_name: str | None = 
                          input_name=input_name)
 
 
-def validate(api: Any, source: str = "workflow") -> ApiGraph:
+def validate(api: Any, source: str = "workflow", skip_checks: Collection[str] = ()) -> ApiGraph:
     """Check a whole API-format graph; returns a normalised copy (defaults filled in).
 
     Raises the first problem found, visiting nodes in id order so the message is stable.
+    `skip_checks`: node types whose own check (files on disk, ...) is left out (the memory plan
+    needs configs, not weights).
     """
     if not isinstance(api, dict):
         raise WorkflowError(f"expected a JSON object at the top level, got {type(api).__name__}", source=source)
@@ -97,7 +100,7 @@ def validate(api: Any, source: str = "workflow") -> ApiGraph:
                           **{n: x for n, x in graph[v[0]]["inputs"].items() if not is_link(x)}}
                       for k, v in entry["inputs"].items() if is_link(v)}
             try:
-                spec.check(literals, linked)
+                spec.check(literals, linked, hook=spec.id not in skip_checks)
             except InputError as e:
                 raise _err(str(e), source, nid, entry, e.input_name) from None
             except (FileNotFoundError, ValueError) as e:

@@ -102,9 +102,9 @@ class OpSpec:
     def input(self, name: str) -> Input | None:
         return next((i for i in self.inputs if i.name == name), None)
 
-    def check(self, literals: dict[str, Any], linked: dict[str, dict[str, Any]]) -> None:
+    def check(self, literals: dict[str, Any], linked: dict[str, dict[str, Any]], hook: bool = True) -> None:
         """Checks across inputs, before compute: the settings (with defaults for inputs that are
-        linked or absent), then the `validate` hook. Raises InputError (or ValueError /
+        linked or absent), then (with `hook`) the `validate` hook. Raises InputError (or ValueError /
         FileNotFoundError from the hook)."""
         if self.settings is not None:
             names = {f.name for f in fields(self.settings)}
@@ -112,7 +112,7 @@ class OpSpec:
                 self.settings(**{k: v for k, v in literals.items() if k in names})
             except SettingError as e:
                 raise InputError(e.name, e.detail) from None
-        if self.validate is not None:
+        if hook and self.validate is not None:
             self.validate(literals, linked)
 
     @property
