@@ -43,8 +43,10 @@ def test_paper_flux_workflow_plan(capsys):
     assert held["reward:pickscore"] == held["reward:hpsv2"] == 4 * d["parameters"]["reward:hpsv2"]
     assert d["parameters"]["reward:hpsv2"] == pytest.approx(986.1e6, rel=1e-3)  # open_clip ViT-H-14
     lora = 32 * (2 * width) * (19 * 4 + 38 * 3)  # rank 32 on to_q / to_k / to_v / to_out.0
-    assert held["trained_adapter"] == held["sampling_adapter"] == held["ema"] == held["gradients"] == 2 * lora
-    assert held["optimizer_state"] == 4 * lora
+    # Trained weights, their gradients, the sampling adapter and the EMA in fp32 on the bf16 model;
+    # AdamW's two fp32 moments.
+    assert held["trained_adapter"] == held["sampling_adapter"] == held["ema"] == held["gradients"] == 4 * lora
+    assert held["optimizer_state"] == 8 * lora
     # The breakdown at the peak sums to the peak; the verdict follows from the given memory.
     assert sum(d["components"].values()) == d["peak_bytes"] == d["stages"][d["peak_stage"]]["total"]
     assert d["device_memory_bytes"] == 80 * GIB and d["fits"] == (d["peak_bytes"] <= 80 * GIB)
@@ -121,16 +123,42 @@ def test_memory_switches_move_the_plan_by_what_they_hold(tiny_flux):
     adapter = plan_memory(tiny_flux, "flux", shape, MemorySettings(regenerator="adapter"))
     assert "regenerator_copy" not in adapter.holdings
     assert stage(base, "update") - stage(adapter, "update") == held["regenerator_copy"]
-    fp32 = plan_memory(tiny_flux, "flux", shape, MemorySettings(trained_dtype=torch.float32))
+    bf16 = plan_memory(tiny_flux, "flux", shape, MemorySettings(trained_dtype=torch.bfloat16))  # before issue 12
     for name in ("trained_adapter", "sampling_adapter", "ema", "gradients", "optimizer_state"):
-        assert fp32.holdings[name] == 2 * held[name]  # bf16 -> fp32
-    lora = held["trained_adapter"] // 2
+        assert held[name] == 2 * bf16.holdings[name]  # the product trains in fp32 on a bf16 model
+    lora = held["trained_adapter"] // 4
     assert plan_memory(tiny_flux, "flux", shape, MemorySettings(optimizer="adamw8bit")).holdings[
         "optimizer_state"] == 2 * lora
     ckpt = plan_memory(tiny_flux, "flux", shape, MemorySettings(gradient_checkpointing=True))
     assert ckpt.stages["update"]["activations"] < base.stages["update"]["activations"]
     emulated_bytes = sum(o * i * 9 // 16 + 4 + 4 * o * i for o, i in _shapes(tiny_flux, shape))
     assert base.explorer_bytes == emulated_bytes  # NVFP4 0.5625 B/element + tensor scale + fp32 cache
+
+
+def test_workflow_memory_switches_reach_the_plan(tmp_path, tiny_flux, capsys):
+    """The four node settings are the plan's switches: Training Run's offload_frozen, Requantize's
+    regenerator, NFT Update's gradient_checkpointing and optimizer (the plan needs no torchao)."""
+    from solrl_core.bundled import Recipe, training_graph
+    from solrl_core.plan.workflow import shape_from_workflow
+
+    switches = dict(offload_frozen=True, regenerator="adapter", gradient_checkpointing=True, optimizer="adamw8bit")
+    path = tmp_path / "switched.json"
+    path.write_text(json.dumps(training_graph(Recipe(model=str(tiny_flux), reward="shapes", prompts_per_iteration=4,
+                                                     candidates=8, keep=4, batch_size=4, micro_batch=2, **switches))))
+    d = _plan_json(capsys, str(path))
+    assert {k: d["settings"][k] for k in switches} == switches
+    plain = _plan_json(capsys, str(_workflow(tmp_path, str(tiny_flux))))
+    assert {k: plain["settings"][k] for k in switches} == {
+        "offload_frozen": False, "regenerator": "merged_copy", "gradient_checkpointing": False, "optimizer": "adamw"}
+    assert d["peak_bytes"] < plain["peak_bytes"] and "regenerator_copy" not in d["holdings"]
+    assert d["holdings"]["optimizer_state"] < plain["holdings"]["optimizer_state"]
+    assert d["stages"]["update"]["activations"] < plain["stages"]["update"]["activations"]
+    from solrl_core.graph.validate import validate
+    from solrl_core.graph.workflow import load_workflow
+
+    shape, _ = shape_from_workflow(validate(load_workflow(str(path))[0], str(path)), str(path))
+    expected = plan_memory(tiny_flux, "flux", shape, MemorySettings(**switches))
+    assert d["peak_bytes"] == expected.peak_bytes
 
 
 def _shapes(folder, shape):

@@ -11,6 +11,7 @@ import torch
 
 from solrl_core.models import adapter_state, load_adapter_state, load_policy
 from solrl_core.models.lora import SAMPLING, TRAINED, trainable_parameters
+from solrl_core.plan.trace import trace_peak
 from solrl_core.rewards import WeightedReward, load_reward
 from solrl_core.train.offload import Offloader
 from solrl_core.train.samples import SampleBatch
@@ -67,13 +68,17 @@ class MeanBrightness:
 
 # --- gradient checkpointing -------------------------------------------------------------------
 def _update(session, **settings):
+    """One update: (stats, gradients at the step, trained weights after, bytes of live tensors it
+    allocated: peak and still held after)."""
     params = trainable_parameters(session.policy.transformer)
     grads: list[torch.Tensor] = []
     s = UpdateSettings(lr=1e-3, micro_batch=4, **settings)
     session.get_optimizer(s.optimizer_settings()).register_step_pre_hook(
         lambda *a: grads.extend(p.grad.clone() for p in params))
-    stats = update(_training_batch(session), s)
-    return stats, grads, adapter_state(session.policy.transformer, TRAINED)
+    batch = _training_batch(session)
+    out = {}
+    memory = trace_peak(lambda: out.update(update(batch, s)), fused=False)
+    return out, grads, adapter_state(session.policy.transformer, TRAINED), memory
 
 
 def test_gradient_checkpointing_gives_the_same_loss_gradients_and_step(tmp_path):
@@ -96,6 +101,9 @@ def test_gradient_checkpointing_gives_the_same_loss_gradients_and_step(tmp_path)
     # One pair (4 samples, micro-batch 4, int(0.6 * 3) = 1 timestep): v_old, v_ref, v, and the recompute.
     assert (calls["plain"], calls["checkpointed"]) == (3, 4)
     assert session.policy.transformer.gradient_checkpointing is False  # off again for sampling
+    # Peak bytes of live tensors the update allocates (counted op by op, deterministic): the blocks'
+    # activations are no longer kept for backward (measured 18.8 -> 6.0 MiB on the embedded model).
+    assert checkpointed[3].peak < 0.5 * plain[3].peak, (checkpointed[3].peak, plain[3].peak)
 
 
 # --- regenerating through the sampling adapter --------------------------------------------------
@@ -262,6 +270,7 @@ def eager_torchao():
 
 
 def _two_updates(session, optimizer: str) -> dict[str, torch.Tensor]:
+    """Two committed iterations on the same batch; the trained weights after them."""
     for _ in range(2):
         session.commit(update(_training_batch(session), UpdateSettings(lr=1e-3, micro_batch=4, optimizer=optimizer)))
     return adapter_state(session.policy.transformer, TRAINED)
@@ -293,6 +302,14 @@ def test_adamw8bit_steps_as_adamw_within_its_quantization(tmp_path, eager_torcha
     expected8 = sum(4 + (2 * (n + 4 * (n // 256) + 4 * 256) if n in quantized else 8 * n) for n in sizes)
     assert state_bytes(fp32_session.optimizer) == sum(4 + 8 * n for n in sizes)
     assert state_bytes(session.optimizer) == expected8
+    # Measured: bytes of live tensors a first update leaves allocated (the moments, made at the step).
+    held = {}
+    for kind in ("adamw", "adamw8bit"):
+        fresh = _session(tmp_path, f"held-{kind}", lora_rank=32)
+        batch = _training_batch(fresh)
+        held[kind] = trace_peak(lambda b=batch, k=kind: update(b, UpdateSettings(lr=1e-3, micro_batch=4, optimizer=k)),
+                                fused=False).held
+    assert held["adamw8bit"] < held["adamw"] / 3, held  # measured 0.26
 
 
 @needs_torchao

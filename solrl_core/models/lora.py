@@ -225,6 +225,11 @@ def _is_adapter_param(param_name: str, name: str) -> bool:
     return ".lora_" in param_name and f".{name}." in param_name
 
 
+def full_finetune_copies(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """Full fine-tuning's frozen weight copies by name ("old", "base"): parameter name -> tensor."""
+    return getattr(model, _FULL_ATTR)
+
+
 def _full_copies(model: nn.Module, name: str) -> dict[str, Tensor]:
     copies = getattr(model, _FULL_ATTR)
     if name not in copies:

@@ -18,7 +18,14 @@ from torch import nn
 
 from ..models.base import Conditioning, FlowPolicy
 from ..models.loading import policy_from_components, read_settings
-from ..models.lora import SAMPLING, adapters_disabled, add_lora, trainable_parameters, use_adapter
+from ..models.lora import (
+    SAMPLING,
+    adapters_disabled,
+    add_lora,
+    full_finetune_copies,
+    trainable_parameters,
+    use_adapter,
+)
 from ..models.published import build_component, build_scheduler, component_config, pipeline_index
 from ..models.slices import SLICE_DEPTH
 from ..quant.layers import as_matrix
@@ -35,7 +42,7 @@ def meta_policy(folder: Path, family: str, dtype: torch.dtype, depth: dict[str, 
     no text encoders (conditioning is given as shapes). `settings`: adapter options over those of the
     folder's solrl.json (resolution, max_sequence_length, ...), as load_policy takes them."""
     index = pipeline_index(folder)
-    components: dict = {name: None for name in index}
+    components: dict = {"vae": None, **{name: None for name in index}}  # a pixel-space model has no VAE
     components["transformer"] = build_component(folder, "transformer", META, dtype, **(depth or {}))
     if "vae" in index:
         components["vae"] = build_component(folder, "vae", META, dtype)
@@ -109,7 +116,7 @@ class UpdateOptions:
     lora_rank: int = 32
     lora_alpha: float = 64.0
     full_finetune: bool = False
-    trained_dtype: torch.dtype | None = None  # None: the model's dtype (what peft does today)
+    trained_dtype: torch.dtype = torch.float32  # LoRA adapters (what the product trains in)
     gradient_checkpointing: bool = False
     kl: bool = True
 
@@ -138,9 +145,15 @@ def prepare_trained(policy: FlowPolicy, options: UpdateOptions) -> list[torch.nn
         add_lora(policy, lora_rank=options.lora_rank, lora_alpha=options.lora_alpha,
                  full_finetune=options.full_finetune)
     params = trainable_parameters(policy.transformer)
-    if options.trained_dtype is not None:
-        for p in params:
-            p.data = p.data.to(options.trained_dtype)
+    # LoRA: adapters in trained_dtype (peft casts their input). Full fine-tuning computes in the model's
+    # dtype under autocast, which meta tensors ignore: trace it with its weights in that dtype (the
+    # fp32 masters and autocast's weight copies are components of the plan).
+    dtype = policy.dtype if options.full_finetune else options.trained_dtype
+    for p in params:
+        p.data = p.data.to(dtype)
+    if options.full_finetune:
+        for copies in full_finetune_copies(policy.transformer).values():
+            copies.update({k: v.to(dtype) for k, v in copies.items()})
     for p in params:
         p.grad = torch.zeros_like(p)
     if options.gradient_checkpointing:

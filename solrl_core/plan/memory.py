@@ -7,7 +7,8 @@ components resident during it plus its own transient tensors; the peak is the la
 Every memory switch of the product is a field of `MemorySettings`, defaulting to what the product
 does today, so a new switch (a node setting) only has to be passed in:
 - `trained_dtype`: trained parameters, gradients, optimizer state, sampling adapter and EMA
-  (today: the model's dtype);
+  (the product: fp32 whatever the model's dtype; full fine-tuning then computes under autocast,
+  whose cached low-precision weight copies are the component "autocast_weights");
 - `optimizer`: "adamw" (two states per parameter) or "adamw8bit" (two bytes per parameter);
 - `gradient_checkpointing`: the NFT update's forward keeps only block inputs and recomputes;
 - `offload_frozen`: text encoders live on the device only while encoding, reward models only
@@ -72,7 +73,7 @@ class MemorySettings:
     """The switches that trade memory; defaults are what the product does today on a GPU."""
 
     dtype: torch.dtype = torch.bfloat16
-    trained_dtype: torch.dtype | None = None
+    trained_dtype: torch.dtype = torch.float32
     optimizer: str = "adamw"
     gradient_checkpointing: bool = False
     offload_frozen: bool = False
@@ -144,7 +145,7 @@ def plan_memory(folder: Path | str, family: str, shape: IterationShape, settings
     settings = settings or MemorySettings()
     folder = Path(folder)
     e = element_size(settings.dtype)
-    et = element_size(settings.trained_dtype or settings.dtype)
+    et = element_size(settings.trained_dtype)
     backend = resolve_backend(shape.backend, shape.explore_precision, settings.explorer_backend)
     p_local = math.ceil(shape.prompts / settings.world_size)
     drafts, kept = p_local * shape.candidates, p_local * min(shape.keep, shape.candidates)
@@ -161,7 +162,10 @@ def plan_memory(folder: Path | str, family: str, shape: IterationShape, settings
     trained = params["transformer"] if shape.full_finetune else lora
     components: dict[str, int] = {"transformer": params["transformer"] * (et if shape.full_finetune else e)}
     if shape.full_finetune:
-        components["sampling_copy"] = components["reference_copy"] = params["transformer"] * e
+        components["sampling_copy"] = params["transformer"] * et  # the "old" weights
+        components["reference_copy"] = params["transformer"] * e  # frozen base: the model's dtype
+        if et != e:  # autocast casts each master weight once per update (sampling) and keeps the copy
+            components["autocast_weights"] = params["transformer"] * e
     else:
         components["trained_adapter"] = components["sampling_adapter"] = lora * et
     components["ema"] = trained * et
@@ -302,6 +306,8 @@ def _residency(components: dict[str, int], settings: MemorySettings, backend: st
     everywhere = set(STAGES)
     resident = {name: everywhere for name in components}
     resident["gradients"] = {"update"}  # zero_grad(set_to_none=True) before and after the update
+    # train/stages: autocast's weight cache lives while the trained model runs under it.
+    resident["autocast_weights"] = {"update"} | ({"regenerate"} if settings.regenerator == "adapter" else set())
     resident["samples"] = {"explore", "decode", "score", "regenerate", "update"}
     if settings.offload_frozen:
         for name in components:

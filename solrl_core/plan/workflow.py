@@ -24,8 +24,8 @@ from ..rewards.registry import parse_reward_spec
 from ..train.prompts import load_prompts
 from .memory import GIB, IterationShape, MemoryPlan, MemorySettings, plan_memory
 
-# Their checks look for weights and run directories, which a plan does not need.
-SKIPPED_CHECKS = ("SolRLLoadPolicy", "SolRLLoadReward", "SolRLTrainingRun")
+# Their checks look for weights, run directories and optional packages, which a plan does not need.
+SKIPPED_CHECKS = ("SolRLLoadPolicy", "SolRLLoadReward", "SolRLTrainingRun", "SolRLNFTUpdate")
 
 
 def _nodes(graph: ApiGraph, class_type: str) -> list[tuple[str, dict]]:
@@ -92,6 +92,18 @@ def shape_from_workflow(graph: ApiGraph, source: str) -> tuple[IterationShape, d
     return shape, policy
 
 
+def switches_from_workflow(graph: ApiGraph, source: str) -> dict:
+    """The memory switches the workflow sets (train.settings): Training Run's offload_frozen,
+    Requantize's regenerator, NFT Update's gradient_checkpointing and optimizer."""
+    run = _one(graph, "SolRLTrainingRun", source)
+    quant = _one(graph, "SolRLRequantize", source, required=False) or {}
+    update = _one(graph, "SolRLNFTUpdate", source)
+    return {"offload_frozen": run.get("offload_frozen", False),
+            "regenerator": quant.get("regenerator", "merged_copy"),
+            "gradient_checkpointing": update.get("gradient_checkpointing", False),
+            "optimizer": update.get("optimizer", "adamw")}
+
+
 def plan_workflow(api: ApiGraph, source: str, gpu_memory_gib: float | None = None, world_size: int | None = None,
                   settings: MemorySettings | None = None) -> MemoryPlan:
     graph = validate(api, source, skip_checks=SKIPPED_CHECKS)
@@ -101,7 +113,7 @@ def plan_workflow(api: ApiGraph, source: str, gpu_memory_gib: float | None = Non
     family = detect_family(folder, index) if policy["family"] == "auto" else policy["family"]
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     dtype = DTYPES[policy["dtype"]] or torch.bfloat16  # "auto" is bf16 on a GPU
-    settings = settings or MemorySettings(dtype=dtype, world_size=world)
+    settings = settings or MemorySettings(dtype=dtype, world_size=world, **switches_from_workflow(graph, source))
     if gpu_memory_gib is not None:
         device_bytes = int(gpu_memory_gib * GIB)
     elif torch.cuda.is_available():
@@ -141,6 +153,9 @@ def render(plan: MemoryPlan, workflow: str) -> str:
         f"family {plan.family}, {plan.resolution[0]}x{plan.resolution[1]} px, {plan.settings['dtype']}, "
         f"{plan.settings['world_size']} rank(s): {s['prompts_per_rank']} prompts x {s['candidates']} drafts per rank, "
         f"keep {s['keep']}, batches {s['explore_batch']} / {s['regen_batch']}, micro-batch {s['micro_batch']}",
+        f"memory switches: offload_frozen {plan.settings['offload_frozen']}, regenerator "
+        f"{plan.settings['regenerator']}, gradient_checkpointing {plan.settings['gradient_checkpointing']}, "
+        f"optimizer {plan.settings['optimizer']}; trained weights {plan.settings['trained_dtype']}",
         f"explorer: backend {plan.explorer_backend}, {len(plan.quantized_layers)} quantized layers, "
         f"{plan.quantized_params / 1e9:.3f} B parameters, held as {plan.explorer_bytes / GIB:.2f} GiB "
         f"(bf16 {plan.explorer_bf16_bytes / GIB:.2f} GiB)",
