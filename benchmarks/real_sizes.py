@@ -13,8 +13,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from solrl_core.graph.workflow import load_workflow  # noqa: E402
@@ -50,9 +48,9 @@ def _held(shapes: list[tuple[int, int]], backend: str, cache: bool = False) -> f
 
 
 SWITCHES = {
-    "today": MemorySettings(),
-    "issue 12 switches (modelled)": MemorySettings(trained_dtype=torch.float32, gradient_checkpointing=True,
-                                                   offload_frozen=True, regenerator="adapter"),
+    "defaults": MemorySettings(),
+    "memory switches on": MemorySettings(gradient_checkpointing=True, offload_frozen=True, regenerator="adapter",
+                                         optimizer="adamw8bit"),
 }
 
 
@@ -96,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
              "## Memory plans of the paper workflows (`--plan --gpu-memory 80`)", "",
              "bf16, the paper's P=48 / N=96 / K=24 / D=6 / F=10, micro-batch 8, sampling batch 32, rewards "
              "PickScore + HPSv2 + CLIPScore (fp32, as Load Reward builds them); 8 ranks as in the paper, and one. "
-             "'today' is the product as it is; the second row models the switches issue 12 adds (fp32 trained "
-             "weights, gradient checkpointing, offloading frozen parts, regenerating through the adapter).", "",
+             "Trained weights, EMA and AdamW moments in fp32. The second row turns on every memory switch "
+             "(gradient checkpointing, offloading frozen parts, regenerating through the adapter, 8-bit AdamW); "
+             "benchmarks/memory.py plans each one alone.", "",
              *plan_table()]
     if not args.skip_measure:
         lines += ["", "## Traced activations against memory measured on the CPU", "",

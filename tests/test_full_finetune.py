@@ -143,3 +143,53 @@ def test_weights_without_gradient_stay_untouched_on_one_and_two_processes(tmp_pa
     assert torch.equal(two["unused"], torch.ones(16))
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     assert worst < 1e-6, worst  # the same step; gradients summed in another order
+
+
+# Runs inside ComfyUI's interpreter: its diffusion-model loader (Load Diffusion Model) on our file,
+# then the converted weights against ours (FLUX.1 fuses q, k, v and the single blocks' MLP input).
+_COMFY_LOAD = r"""
+import json, sys
+sys.argv = [sys.argv[0], "--cpu"]
+args = json.loads(sys.stdin.read())
+sys.path.insert(0, args["comfyui"])
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.sd, torch
+from safetensors.torch import load_file
+ours = load_file(args["path"])
+patcher = comfy.sd.load_diffusion_model(args["path"])
+theirs = patcher.model.diffusion_model.state_dict()
+expected = {
+    "img_in.weight": ours["x_embedder.weight"],
+    "double_blocks.0.img_attn.qkv.weight": torch.cat([ours[f"transformer_blocks.0.attn.to_{c}.weight"] for c in "qkv"]),
+    "double_blocks.0.img_mlp.0.weight": ours["transformer_blocks.0.ff.net.0.proj.weight"],
+    "single_blocks.0.linear1.weight": torch.cat([ours[f"single_transformer_blocks.0.attn.to_{c}.weight"] for c in "qkv"]
+                                                + [ours["single_transformer_blocks.0.proj_mlp.weight"]]),
+    "final_layer.linear.weight": ours["proj_out.weight"],
+}
+print(json.dumps({"model": type(patcher.model).__name__, "tensors": len(theirs),
+                  "equal": {k: bool(torch.equal(theirs[k].to(v.dtype), v)) for k, v in expected.items()}}))
+"""
+
+
+@pytest.mark.comfyui
+def test_comfyui_diffusion_model_loader_reads_the_flux_export(tmp_path):
+    """ComfyUI infers FLUX.1's architecture from tensor shapes, so this needs the real width: a random
+    FLUX.1-dev transformer with one double and one single block (0.56 B parameters, 1.1 GB in bf16)."""
+    comfy = os.environ.get("COMFYUI_PATH")
+    if not comfy:
+        pytest.skip("COMFYUI_PATH is not set")
+    from solrl_core.models.published import build_component, published_folder
+    from solrl_core.train.export import write_transformer
+
+    model = build_component(published_folder("flux"), "transformer", "cpu", torch.bfloat16, num_layers=1,
+                            num_single_layers=1)
+    path = write_transformer(model, {}, torch.bfloat16, tmp_path / "flux_ft")
+    del model
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    proc = subprocess.run([python, "-c", _COMFY_LOAD], cwd=comfy, capture_output=True, text=True, timeout=900,
+                          input=json.dumps({"comfyui": comfy, "path": str(path)}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["model"] == "Flux" and result["tensors"] > 0
+    assert all(result["equal"].values()), result["equal"]

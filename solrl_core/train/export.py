@@ -59,24 +59,25 @@ def metadata(session: TrainingSession, which: str) -> dict[str, str]:
 TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name for unsharded weights
 
 
-def transformer_state_dict(session: TrainingSession, which: str = EMA) -> dict[str, Tensor]:
-    """Full fine-tuning: the whole transformer state dict with weights `which`, in the policy's dtype."""
-    model = session.policy.transformer
-    chosen = _weights(session, which)
+def write_transformer(model, weights: dict[str, Tensor], dtype, folder: Path,
+                      metadata: dict[str, str] | None = None) -> Path:
+    """A diffusers transformer folder: `model`'s config and its state dict with `weights` in place of its
+    own (diffusers' names; persistent buffers kept), floats in `dtype`, as one safetensors file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_config(str(folder))
     state = {}
-    for key, value in model.state_dict().items():  # parameters and persistent buffers, diffusers' names
-        value = chosen.get(key, value)
-        state[key] = value.detach().to("cpu", session.policy.dtype if value.is_floating_point() else None)
-    return {k: v.contiguous() for k, v in state.items()}
+    for key, value in model.state_dict().items():
+        value = weights.get(key, value).detach()
+        state[key] = value.to("cpu", dtype if value.is_floating_point() else None).contiguous()
+    path = folder / TRANSFORMER_WEIGHTS
+    save_file(state, path, metadata={"format": "pt", **(metadata or {})})
+    return path
 
 
 def save_transformer(session: TrainingSession, which: str, folder: Path) -> Path:
-    """A diffusers transformer folder of the fine-tuned weights `which`; returns its weights file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    session.policy.transformer.save_config(str(folder))
-    path = folder / TRANSFORMER_WEIGHTS
-    save_file(transformer_state_dict(session, which), path, metadata=metadata(session, which))
-    return path
+    """Full fine-tuning: the weights `which` as a diffusers transformer folder in the policy's dtype."""
+    return write_transformer(session.policy.transformer, _weights(session, which), session.policy.dtype, folder,
+                             metadata(session, which))
 
 
 def save_lora(session: TrainingSession, which: str = EMA, filename: str = "sol_rl_lora") -> list[Path]:
