@@ -262,8 +262,16 @@ def iteration_memory(setup: Setup) -> dict:
     from solrl_core.models.slices import slice_components
     from solrl_core.plan import IterationShape, MemorySettings, plan_memory
     from solrl_core.plan.measure import rss_growth
-    from solrl_core.train.session import SessionConfig, TrainingSession
-    from solrl_core.train.stages import UpdateSettings, explore, rank, regenerate, update
+    from solrl_core.train.session import TrainingSession
+    from solrl_core.train.settings import (
+        ExploreSettings,
+        RegenerateSettings,
+        RequantizeSettings,
+        SelectSettings,
+        SessionConfig,
+        UpdateSettings,
+    )
+    from solrl_core.train.stages import explore, regenerate, select, update
 
     if setup.left() < 120:
         return {"skipped": "time budget"}
@@ -287,10 +295,11 @@ def iteration_memory(setup: Setup) -> dict:
     def iteration():
         session = TrainingSession(Path(tempfile.mkdtemp()), policy, prompts, SessionConfig())
         backend = "cpu_int8" if setup.device.type == "cpu" else "auto"
-        copies = session.refresh_copies(backend, 0 if setup.dry else None)
-        kept = rank(explore(session, reward, 1, shape.candidates, shape.draft_steps, "low", shape.explore_batch),
-                    shape.keep)
-        samples = regenerate(kept, reward, shape.full_steps, shape.regen_batch)
+        copies = session.refresh_copies(RequantizeSettings(backend, min_dim=0 if setup.dry else -1))
+        drafts = explore(session, reward, ExploreSettings(1, shape.candidates, shape.draft_steps, "low",
+                                                          shape.explore_batch))
+        kept = select(drafts, SelectSettings(keep=shape.keep))
+        samples = regenerate(kept, reward, RegenerateSettings(shape.full_steps, batch_size=shape.regen_batch))
         session.commit(update(samples, UpdateSettings(micro_batch=shape.micro_batch)))
         return copies.backend
 

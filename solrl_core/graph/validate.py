@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection
+from dataclasses import replace
 from typing import Any
 
 from ..ops.registry import get_op
@@ -94,13 +95,15 @@ def validate(api: Any, source: str = "workflow", skip_checks: Collection[str] = 
 
     for nid, entry in graph.items():
         spec = specs[nid]
-        if spec.validate is not None and spec.id not in skip_checks:
+        if spec.validate is not None or spec.settings is not None:
+            if spec.id in skip_checks:  # keep the settings' checks, leave out the hook's
+                spec = replace(spec, validate=None)
             literals = {k: v for k, v in entry["inputs"].items() if not is_link(v)}
             linked = {k: {"class_type": graph[v[0]]["class_type"],
                           **{n: x for n, x in graph[v[0]]["inputs"].items() if not is_link(x)}}
                       for k, v in entry["inputs"].items() if is_link(v)}
             try:
-                spec.validate(literals, linked)
+                spec.check(literals, linked)
             except InputError as e:
                 raise _err(str(e), source, nid, entry, e.input_name) from None
             except (FileNotFoundError, ValueError) as e:

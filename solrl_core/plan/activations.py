@@ -135,7 +135,8 @@ def prepare_trained(policy: FlowPolicy, options: UpdateOptions) -> list[torch.nn
     """Adapters as the session adds them; gradients allocated up front (they are counted as a
     component of the update stage, not as activations)."""
     with torch.device(policy.transformer.device):  # peft builds the adapter layers on the default device
-        add_lora(policy, rank=options.lora_rank, alpha=options.lora_alpha, full_finetune=options.full_finetune)
+        add_lora(policy, lora_rank=options.lora_rank, lora_alpha=options.lora_alpha,
+                 full_finetune=options.full_finetune)
     params = trainable_parameters(policy.transformer)
     if options.trained_dtype is not None:
         for p in params:

@@ -28,28 +28,18 @@ from ..models import (
     make_inference_copy,
     refresh_inference_copy,
 )
-from ..models.lora import is_full_finetune
+from ..models.lora import SAMPLING, TRAINED, is_full_finetune
 from ..quant import QuantConfig, quantize_model, requantize_model
 from ..runtime import distributed as dp
 from ..runtime.files import atomic_write_text
+from ..runtime.metrics import metrics_log
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
 from .prompts import PromptCursor
+from .settings import RequantizeSettings, SessionConfig
 
 log = logging.getLogger("solrl")
 
-TRAINED, SAMPLING, EMA = "default", "old", "ema"
-METRICS_FILE = "metrics.jsonl"
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    """What must stay the same for a run to be resumed (checked on resume)."""
-
-    seed: int = 0
-    total_iterations: int = 100
-    lora_rank: int = 32
-    lora_alpha: float = 64.0
-    full_finetune: bool = False
+EMA = "ema"  # the EMA copy of the trained adapter, kept by the session (evaluation and export)
 
 
 @dataclass
@@ -95,7 +85,7 @@ class TrainingSession:
         if init is None:
             # LoRA init is random: seed it so a run is reproducible from its seed alone.
             torch.manual_seed(self.config.seed)
-            add_lora(self.policy, rank=self.config.lora_rank, alpha=self.config.lora_alpha,
+            add_lora(self.policy, lora_rank=self.config.lora_rank, lora_alpha=self.config.lora_alpha,
                      full_finetune=self.config.full_finetune)
             model._solrl_initial_adapters = (self.config, adapter_state(model, TRAINED))
         elif init[0].lora_rank != self.config.lora_rank or init[0].full_finetune != self.config.full_finetune:
@@ -111,9 +101,7 @@ class TrainingSession:
             shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)  # "new" replaces an old run
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "session.json", json.dumps(asdict(self.config), indent=1) + "\n")
-            metrics = self.run_dir / METRICS_FILE
-            if metrics.exists():  # a new run in an old directory starts its metrics afresh
-                atomic_write_text(metrics, "")
+        metrics_log(self.run_dir).restore([])  # a new run in an old directory drops the old run's iterations
         dp.barrier()
 
     def _restore(self, path: Path) -> None:
@@ -134,10 +122,9 @@ class TrainingSession:
         self.optimizer_settings = meta.get("optimizer_settings")
         if optimizer is not None and self.optimizer_settings is not None:
             self.make_optimizer(self.optimizer_settings).load_state_dict(optimizer)
-        # metrics.jsonl may hold rows of an iteration that never reached its checkpoint.
-        if dp.is_main():
-            atomic_write_text(self.run_dir / METRICS_FILE,
-                              "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.metrics))
+        # The log may hold rows of an iteration that never reached its checkpoint, or lack the row of
+        # one that did; other rows (Log Metric) stay.
+        metrics_log(self.run_dir).restore(self.metrics)
         log.info("resumed %s at iteration %d", self.run_dir, self.iteration)
 
     # --- randomness -----------------------------------------------------------------------
@@ -162,18 +149,17 @@ class TrainingSession:
         return torch.randint(0, 2**31 - 1, (prompts, per_prompt), generator=self.generator("seeds"))
 
     # --- inference copies (Requantize) --------------------------------------------------------
-    def refresh_copies(self, backend: str, min_dim: int | None = None, weight_tile: tuple[int, int] = (16, 16),
-                       cache_dequantized: bool = True) -> InferenceCopies:
+    def refresh_copies(self, s: RequantizeSettings, cache_dequantized: bool = True) -> InferenceCopies:
         """Merge the sampling adapter into the full-precision and low-precision copies."""
         start = time.perf_counter()
         if self.copies is None:
             regen = make_inference_copy(self.policy, SAMPLING)
             explorer, choice_name, reason, report = None, "none", "full precision only", {}
-            if backend != "none":
+            if s.backend != "none":
                 explorer = make_inference_copy(self.policy, SAMPLING)
-                qc = QuantConfig.for_family(self.policy.family, min_dim, weight_tile=weight_tile,
-                                            cache_dequantized=cache_dequantized)
-                rep = quantize_model(explorer, qc, backend=backend)
+                qc = QuantConfig.for_family(self.policy.family, None if s.min_dim < 0 else s.min_dim,
+                                            weight_tile=s.tile, cache_dequantized=cache_dequantized)
+                rep = quantize_model(explorer, qc, backend=s.backend)
                 choice_name, reason, report = rep.backend, rep.backend_reason, rep.to_dict()
                 if dp.is_main():
                     atomic_write_text(self.run_dir / "quant_report.json", json.dumps(report, indent=1) + "\n")
@@ -238,11 +224,10 @@ class TrainingSession:
         tensors.update({f"{EMA}.{k}": v for k, v in self.ema.items()})
         meta = {"config": asdict(self.config), "iteration": self.iteration, "cursor": asdict(self.cursor),
                 "metrics": self.metrics, "optimizer_settings": self.optimizer_settings}
-        if dp.is_main():  # every rank holds the same weights and optimizer state
+        if dp.is_main():  # every process holds the same weights and optimizer state
             save_checkpoint(self.run_dir, self.iteration, tensors,
                             self.optimizer.state_dict() if self.optimizer is not None else None, meta)
-            with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row, sort_keys=True) + "\n")
+        metrics_log(self.run_dir).append(row)
         dp.barrier()
         for ref in self._batches:
             batch = ref()
