@@ -1,6 +1,6 @@
 """Rollout time per iteration: naive full-precision scaling vs Sol-RL, side by side.
 
-    python benchmarks/rollout.py [--weights embedded] [--threads 2] [--repeats 3]
+    python benchmarks/rollout.py [--weights embedded] [--threads 2] [--repeats 3] [--families sana,flux,sd3]
 
 The paper's comparison on the embedded model: for P prompts, naive scaling samples the whole pool
 of N seeds at full precision with F steps; Sol-RL explores the pool with the low-precision explorer
@@ -10,6 +10,11 @@ benchmarks/results/rollout.md. On a CPU the emulated NVFP4 explorer computes in 
 quantizing (it is the faithful reference, not a fast path), so the gain there comes from D < F and
 K < N; `cpu_int8` shows a fast low-precision explorer. On Blackwell GPUs the NVFP4 GEMMs add the
 hardware speedup the paper measures.
+
+Real-width slices (`--families`): the same comparison per model family on a random-weight slice of
+the published transformer (real widths, heads and explorer thresholds; one block; a resolution that
+gives each explore batch about a thousand GEMM rows), at the paper's proportions N / K = 96 / 24 = 4
+and D / F = 6 / 10 = 0.6 scaled down.
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    add_slice_arguments(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -82,14 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = {"naive BF16 scaling (N at full precision, F steps)": naive,
              "Sol-RL, emulated NVFP4 explorer": sol_rl("emulated"),
              "Sol-RL, cpu_int8 explorer": sol_rl("cpu_int8")}
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn in cases.values():  # warm-up (prompt encodings, kernels)
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+    times = interleaved_times(cases, args.repeats)
 
     base = statistics.median(times[next(iter(cases))])
     lines = [
@@ -107,10 +106,99 @@ def main(argv: list[str] | None = None) -> None:
         med = statistics.median(times[name])
         lines.append(f"| {name} | {med:.2f} | {base / med:.2f}x |")
     lines += ["", "Paper (8x B200, SANA / FLUX.1 / SD3.5-L rollout): 1.41x / 2.33x / 2.41x."]
+    lines += slice_table(args)
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
+
+
+
+def interleaved_times(cases: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each case: one warm-up round (prompt encodings, kernels), then `repeats`
+    rounds calling the cases in turn, so machine load hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for fn in cases.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+# --- Real-width slices --------------------------------------------------------------------------
+def add_slice_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--families", default="sana,flux,sd3", help="real-width slices to time ('' for none)")
+    ap.add_argument("--slice-prompts", type=int, default=2)
+    ap.add_argument("--slice-pool", type=int, default=8, help="N (K = N / 4)")
+    ap.add_argument("--slice-full-steps", type=int, default=5, help="F (D = 0.6 F)")
+
+
+# Image side per family: SANA 24 px -> 144 tokens, FLUX.1 32 px -> 64 + 8 text, SD3.5 32 px -> 16 + 85 text
+# (its CLIP encoders always give 77 tokens); with the slices' 2x VAEs.
+SLICE_RESOLUTION = {"sana": 24, "flux": 32, "sd3": 32}
+
+
+def slice_rollouts(family: str, args) -> tuple[dict[str, list[float]], int]:
+    """Seconds per rollout, interleaved: naive full precision vs Sol-RL with each explorer; and the
+    slice's transformer parameter count."""
+    from solrl_core.models.published import parameter_count
+    from solrl_core.models.slices import ONE_BLOCK, build_slice
+
+    side = SLICE_RESOLUTION[family]
+    policy = build_slice(family, depth=ONE_BLOCK[family], resolution=(side, side))
+    reward = load_weighted_reward("jpeg_compressibility")
+    prompts = load_prompts("shapes_all")
+    pool, keep = args.slice_pool, max(1, args.slice_pool // 4)
+    full, draft = args.slice_full_steps, max(1, round(0.6 * args.slice_full_steps))
+    tmp = Path(tempfile.mkdtemp())
+    sessions = {}
+    for backend in ("none", "emulated", "cpu_int8"):
+        session = TrainingSession(tmp / backend, policy, prompts, SessionConfig(lora_rank=8, lora_alpha=8.0))
+        session.refresh_copies(RequantizeSettings(backend))  # the family's preset: real thresholds
+        sessions[backend] = session
+    kept_settings = SelectSettings(keep=keep)
+    regen_settings = RegenerateSettings(full, batch_size=keep * args.slice_prompts)
+
+    def naive() -> None:
+        select(explore(sessions["none"], reward, ExploreSettings(args.slice_prompts, pool, full, "full", pool)),
+               kept_settings)
+
+    def sol_rl(backend: str):
+        def run() -> None:
+            s = sessions[backend]
+            kept = select(explore(s, reward, ExploreSettings(args.slice_prompts, pool, draft, "low", pool)),
+                          kept_settings)
+            regenerate(kept, reward, regen_settings)
+        return run
+
+    cases = {"naive": naive, "emulated": sol_rl("emulated"), "cpu_int8": sol_rl("cpu_int8")}
+    return interleaved_times(cases, args.repeats), parameter_count(policy.transformer)
+
+
+def slice_table(args) -> list[str]:
+    families = [f for f in args.families.split(",") if f]
+    if not families:
+        return []
+    pool, full = args.slice_pool, args.slice_full_steps
+    lines = ["", "## Real-width slices", "",
+             "Random-weight one-block slices of the published transformers (real widths, heads and explorer "
+             f"layers; FLUX.1 a single-stream block), {', '.join(f'{f} {SLICE_RESOLUTION[f]} px' for f in families)}, "
+             f"P={args.slice_prompts}, N={pool}, K={max(1, pool // 4)}, D={max(1, round(0.6 * full))}, F={full} "
+             f"(the paper's N/K = 4 and D/F = 0.6), {args.threads} threads, median of {args.repeats} interleaved "
+             "repeats. Rollout = sampling + decoding + scoring (weight-free JPEG reward) + selection "
+             "(+ regeneration).", "",
+             "| family | slice parameters | naive s | Sol-RL emulated s | speed-up | Sol-RL cpu_int8 s | speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for family in families:
+        times, params = slice_rollouts(family, args)
+        naive, emu, int8 = (statistics.median(times[k]) for k in ("naive", "emulated", "cpu_int8"))
+        lines.append(f"| {family} | {params / 1e6:.0f} M | {naive:.2f} | {emu:.2f} | {naive / emu:.2f}x | "
+                     f"{int8:.2f} | {naive / int8:.2f}x |")
+        print(lines[-1], flush=True)
+    return lines
 
 
 if __name__ == "__main__":

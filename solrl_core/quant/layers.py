@@ -221,8 +221,10 @@ class TELinear(QuantizedLayer):
         return n * 9 // 16 + 4 if self.backend == "te_nvfp4" else n + 4
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
+        # te.Linear flattens its input with view(-1, in_features): a 1x1 conv's channels-last view
+        # (x.movedim(1, -1)) is not contiguous and would be rejected.
         with self._te.autocast(enabled=True, recipe=self.recipe):
-            return self.inner(x)
+            return self.inner(x.contiguous())
 
 
 def make_quantized_layer(backend: str, module: nn.Module, name: str, tile: tuple[int, int],
