@@ -8,10 +8,11 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .backends import import_transformer_engine
-from .nvfp4 import E4M3_MAX, NVFP4_RANGE, NVFP4Tensor, quantize
+from .nvfp4 import E4M3_MAX, NVFP4_RANGE, NVFP4Tensor, quantize, quantize_dequantize_unscaled, scratch
 
 # alpha = amax_A * amax_B / (6 * 6 * 448 * 448) rescales a GEMM of unscaled (e2m1 * e4m3) operands.
 GEMM_ALPHA_DIVISOR = NVFP4_RANGE * NVFP4_RANGE
@@ -124,15 +125,31 @@ class NVFP4Linear(QuantizedLayer):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        qa = quantize(x.reshape(-1, self.in_features), (1, 16), name=self.name)
-        torch.maximum(self.input_amax, qa.amax, out=self.input_amax)
+        rows = x.reshape(-1, self.in_features)
+        # The activation is quantized and dequantized in one fused pass (bit-identical to
+        # quantize(...).dequantize_unscaled()) into a per-thread scratch buffer the GEMM reads.
+        a, amax = quantize_dequantize_unscaled(
+            rows, scratch("activation", rows.numel(), torch.float32, x.device), name=self.name)
+        torch.maximum(self.input_amax, amax, out=self.input_amax)
         w = self._weight_unscaled
         if w is None:
             w = self.nvfp4_weight().dequantize_unscaled()
-        out = qa.dequantize_unscaled() @ w.T
-        out.mul_(qa.amax * self.weight_amax / GEMM_ALPHA_DIVISOR)
-        if self.bias is not None:
-            out.add_(self.bias.float())
+        alpha = amax * self.weight_amax / GEMM_ALPHA_DIVISOR
+        bias = None if self.bias is None else self.bias.float()
+        if x.device.type != "cpu":  # no host sync for alpha on accelerators
+            out = (a @ w.T).mul_(alpha)
+            return (out if bias is None else out.add_(bias)).to(x.dtype).reshape(*lead, self.out_features)
+        if self.pointwise_conv and x.dim() == 4:
+            # The same kernel family as the 1x1 convolution this layer replaces (oneDNN on CPU; it is much
+            # faster than the BLAS GEMM on some CPUs). Input (B, H, W, C) rows -> channels-last NCHW.
+            scaled = w.mul(alpha).view(self.out_features, self.in_features, 1, 1)
+            out = F.conv2d(a.view(x.shape).permute(0, 3, 1, 2), scaled, bias).permute(0, 2, 3, 1)
+            return out.to(x.dtype)
+        out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        if bias is None:  # alpha and bias fused into the GEMM (one pass over the output)
+            torch.addmm(out, a, w.T, beta=0, alpha=alpha.item(), out=out)
+        else:
+            torch.addmm(bias, a, w.T, alpha=alpha.item(), out=out)
         return out.to(x.dtype).reshape(*lead, self.out_features)
 
 
