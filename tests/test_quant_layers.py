@@ -192,3 +192,50 @@ def test_te_fp8_close_to_bf16():
     layer = TELinear(lin.weight, lin.bias, "te_fp8", "x")
     ref = lin(x).float()
     assert ((layer(x).float() - ref).norm() / ref.norm()).item() < 0.1
+
+
+def _projections(n: int = 3) -> tuple[list[NVFP4Linear], list[torch.Tensor]]:
+    weights = [torch.randn(48, 64) for _ in range(n)]
+    return [NVFP4Linear(w, None, f"attn.to_{i}", cache_dequantized=True) for i, w in enumerate(weights)], weights
+
+
+def test_w4a4_reuses_the_activation_of_a_tensor_fed_to_consecutive_layers(monkeypatch):
+    """to_q / to_k / to_v of one hidden state: the activation is quantized once and every output
+    still equals its own reference; an in-place change in between is seen (version counter)."""
+    import solrl_core.quant.layers as layers_mod
+
+    layers, weights = _projections()
+    x = torch.randn(2, 40, 64)
+    calls = []
+    real = layers_mod.quantize_dequantize_unscaled
+    monkeypatch.setattr(layers_mod, "quantize_dequantize_unscaled", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        outs = [layer(x) for layer in layers]
+        assert len(calls) == 1
+        for out, w in zip(outs, weights):
+            assert _max_rel(out.reshape(-1, 48), _w4a4_reference(x, w, None, (1, 16))) < 1e-6
+        x.mul_(-3.0)  # same tensor object, new values
+        out = layers[0](x)
+        assert len(calls) == 2
+        assert _max_rel(out.reshape(-1, 48), _w4a4_reference(x, weights[0], None, (1, 16))) < 1e-6
+        y = x.clone()  # equal values, another tensor: quantized again
+        layers[1](y)
+        assert len(calls) == 3
+    with torch.inference_mode():  # inference tensors have no version counter: reuse by identity only
+        z = torch.randn(2, 40, 64)
+        outs = [layer(z) for layer in layers]
+        assert len(calls) == 4
+        assert _max_rel(outs[2].reshape(-1, 48), _w4a4_reference(z, weights[2], None, (1, 16))) < 1e-6
+
+
+def test_w4a4_does_not_keep_large_activations(monkeypatch):
+    import solrl_core.quant.layers as layers_mod
+    import solrl_core.quant.nvfp4 as nvfp4
+
+    layers, weights = _projections(2)
+    monkeypatch.setattr(nvfp4, "SCRATCH_KEEP_BYTES", 1024)
+    x = torch.randn(100, 64)
+    out = [layer(x) for layer in layers]
+    assert layers_mod._LAST_ACTIVATION.source is None and layers_mod._LAST_ACTIVATION.values is None
+    for o, w in zip(out, weights):
+        assert _max_rel(o, _w4a4_reference(x, w, None, (1, 16))) < 1e-6

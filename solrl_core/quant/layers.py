@@ -5,12 +5,14 @@ while training uses the high-precision model.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import nvfp4
 from .backends import import_transformer_engine
 from .nvfp4 import E4M3_MAX, NVFP4_RANGE, NVFP4Tensor, quantize, quantize_dequantize_unscaled, scratch
 
@@ -73,6 +75,45 @@ def as_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().reshape(weight.shape[0], -1)
 
 
+class _LastActivation(threading.local):
+    """The activation path of NVFP4Linear: quantize and dequantize in one fused pass (bit-identical to
+    quantize(...).dequantize_unscaled()) into a per-thread scratch buffer that the GEMM reads.
+
+    Attention projections receive one tensor several times in a row (to_q, to_k, to_v of the same
+    hidden states; to_k, to_v of the same text states): on CPU, a call with the very tensor the
+    previous call on this thread quantized, unchanged, reuses its result. "Unchanged" is checked with
+    the version counter that in-place ops bump, where the tensor has one (grad and no_grad mode);
+    inference-mode tensors have none, so there the reuse relies on nothing writing into a tensor
+    between two consecutive quantized layers that both read it, as no diffusers model does.
+    """
+
+    source: torch.Tensor | None = None
+    key: tuple = ()
+    values: torch.Tensor | None = None
+    amax: torch.Tensor | None = None
+
+    @staticmethod
+    def _key(x: torch.Tensor) -> tuple:
+        version = None if x.is_inference() else x._version
+        return x.data_ptr(), x.shape, x.stride(), x.dtype, version
+
+    def quantize(self, x: torch.Tensor, rows: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.device.type != "cpu":
+            return quantize_dequantize_unscaled(rows, name=name)
+        key = self._key(x)
+        if self.source is x and self.key == key:
+            return self.values, self.amax
+        self.source = self.values = None  # the scratch buffer is about to be overwritten
+        values, amax = quantize_dequantize_unscaled(
+            rows, scratch("activation", rows.numel(), torch.float32, x.device), name=name)
+        if 4 * values.numel() <= nvfp4.SCRATCH_KEEP_BYTES:  # never hold on to a large one-off buffer
+            self.source, self.key, self.values, self.amax = x, key, values, amax
+        return values, amax
+
+
+_LAST_ACTIVATION = _LastActivation()
+
+
 class NVFP4Linear(QuantizedLayer):
     """Emulated W4A4 NVFP4 linear: the numerical reference on every device.
 
@@ -126,10 +167,7 @@ class NVFP4Linear(QuantizedLayer):
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
-        # The activation is quantized and dequantized in one fused pass (bit-identical to
-        # quantize(...).dequantize_unscaled()) into a per-thread scratch buffer the GEMM reads.
-        a, amax = quantize_dequantize_unscaled(
-            rows, scratch("activation", rows.numel(), torch.float32, x.device), name=self.name)
+        a, amax = _LAST_ACTIVATION.quantize(x, rows, self.name)
         torch.maximum(self.input_amax, amax, out=self.input_amax)
         w = self._weight_unscaled
         if w is None:

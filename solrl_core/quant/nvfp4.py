@@ -136,19 +136,19 @@ def _chunks(n_rows: int, k: int, device: torch.device, multiple: int = 1) -> lis
 
 class _Workspace(threading.local):
     """Per-thread scratch buffers kept between calls on CPU: allocating fresh megabyte temporaries on
-    every call costs page faults that exceed the arithmetic. Buffers above _KEEP_BYTES are not kept."""
+    every call costs page faults that exceed the arithmetic. Buffers above SCRATCH_KEEP_BYTES are not kept."""
 
     def get(self, slot: str, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         device = torch.device(device)
         buf = self.__dict__.get(slot)
         if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
             buf = torch.empty(numel, dtype=dtype, device=device)
-            if device.type == "cpu" and numel * buf.element_size() <= _KEEP_BYTES:
+            if device.type == "cpu" and numel * buf.element_size() <= SCRATCH_KEEP_BYTES:
                 self.__dict__[slot] = buf
         return buf[:numel]
 
 
-_KEEP_BYTES = 64 << 20
+SCRATCH_KEEP_BYTES = 64 << 20
 _WORKSPACE = _Workspace()
 
 
