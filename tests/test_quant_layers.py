@@ -41,11 +41,13 @@ def test_w4a4_equals_dequantize_matmul_alpha(tile, cache, with_bias):
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("cache", [False, True])
-def test_pointwise_conv_w4a4_reference(channels_last, with_bias, cache):
-    """The 1x1-conv path (its own GEMM kernel, alpha folded into the weight) against the same float64
-    reference; the output keeps the input's memory layout."""
+@pytest.mark.parametrize("side", [(5, 4), (8, 8)])
+def test_pointwise_conv_w4a4_reference(channels_last, with_bias, cache, side):
+    """The 1x1-conv path (its own GEMM kernel; alpha folded into the output for 60 tokens, into the
+    weight for 192, fewer / more than the 64 input channels) against the same float64 reference; the
+    output keeps the input's memory layout."""
     conv = torch.nn.Conv2d(64, 48, 1, bias=with_bias)
-    x = torch.randn(3, 64, 5, 4) * 2
+    x = torch.randn(3, 64, *side) * 2
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     layer = NVFP4Linear(conv.weight, conv.bias, "ff.conv_inverted", tile=(16, 16), cache_dequantized=cache,

@@ -180,9 +180,18 @@ class NVFP4Linear(QuantizedLayer):
         if self.pointwise_conv and x.dim() == 4:
             # The same kernel family as the 1x1 convolution this layer replaces (oneDNN on CPU; it is much
             # faster than the BLAS GEMM on some CPUs). Input (B, H, W, C) rows -> channels-last NCHW.
-            scaled = w.mul(alpha).view(self.out_features, self.in_features, 1, 1)
-            out = F.conv2d(a.view(x.shape).permute(0, 3, 1, 2), scaled, bias).permute(0, 2, 3, 1)
-            return out.to(x.dtype)
+            # alpha goes into the smaller operand: the weight (many tokens) or the output (few tokens).
+            a = a.view(x.shape).permute(0, 3, 1, 2)
+            shape = (self.out_features, self.in_features, 1, 1)
+            if rows.shape[0] >= self.in_features:
+                out = F.conv2d(a, w.mul(alpha).view(shape), bias)
+            else:
+                out = F.conv2d(a, w.view(shape))
+                if bias is None:
+                    out.mul_(alpha)
+                else:
+                    torch.add(bias.view(1, -1, 1, 1), out, alpha=alpha.item(), out=out)
+            return out.permute(0, 2, 3, 1).to(x.dtype)
         out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32, device=x.device)
         if bias is None:  # alpha and bias fused into the GEMM (one pass over the output)
             torch.addmm(out, a, w.T, beta=0, alpha=alpha.item(), out=out)
