@@ -53,7 +53,7 @@ def test_pointwise_conv_w4a4_reference(channels_last, with_bias, cache, side):
     layer = NVFP4Linear(conv.weight, conv.bias, "ff.conv_inverted", tile=(16, 16), cache_dequantized=cache,
                         pointwise_conv=True)
     out = layer(x)
-    assert out.shape == (3, 48, 5, 4)
+    assert out.shape == (3, 48, *side)
     if channels_last:
         assert out.is_contiguous(memory_format=torch.channels_last)
     ref = _w4a4_reference(x.movedim(1, -1), conv.weight, conv.bias, (16, 16))
