@@ -175,7 +175,6 @@ def _time_real_layer(cin: int, cout: int, conv: bool, tokens: int, repeats: int)
 def real_width_layers(quick: bool, repeats: int, threads: int) -> list[str]:
     """fp32 vs emulated W4A4 (cached dequantized weight, as the explorer runs) vs cpu_int8 per layer."""
     tokens = 256 if quick else 2048  # 2048: two 1024 px SANA images (32x32 latents), or one FLUX 1024 px image
-    repeats = max(3, repeats // 2)
     rows = []
     for model, what, cin, cout, conv in REAL_LAYERS:
         t = _time_real_layer(cin, cout, conv, tokens, repeats)

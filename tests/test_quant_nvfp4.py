@@ -364,6 +364,12 @@ def test_quantize_dequantize_saturation_zero_blocks_and_zero_tensors():
     x[2, :16] = 1e-6  # block scale underflows to 0: encode scale FLT_MAX, values decode to 0
     x[3, 16:] = -0.0
     _assert_same_bits(quantize_dequantize_unscaled(x)[0], oracle_values(x)[0])
+    # By hand: amax 2688 gives S_enc = 1; a block max of 7.5 * 2^-9 has the E4M3 subnormal scale 2^-9
+    # (1.25 * 2^-9 rounds down), so |x| * enc = 7.5: clamped to 6 it decodes to 6 * 2^-9, where rounding
+    # the unclamped 7.5 would give 8 * 2^-9.
+    y = torch.zeros(1, 32)
+    y[0, 0], y[0, 16] = 2688.0, -7.5 * 2**-9
+    assert quantize_dequantize_unscaled(y)[0][0, 16].item() == -6 * 2**-9
     for zeros in (torch.zeros(2, 16), -torch.zeros(2, 16)):
         values, amax = quantize_dequantize_unscaled(zeros)
         assert amax.item() == 0.0

@@ -63,7 +63,7 @@ class NVFP4Tensor:
         """e2m1 * block_scale in fp32 (exact: at most 2+4 significant bits), without the tensor scale."""
         k = self.shape[-1]
         packed = self.packed.reshape(-1, k // 2)
-        scales = e4m3_to_float(self.block_scales).reshape(-1, k // BLOCK, 1)
+        scales = _e4m3_to_float(self.block_scales).reshape(-1, k // BLOCK, 1)
         out = torch.empty(packed.shape[0], k, dtype=torch.float32, device=packed.device)
         if _denormals_preserved():
             _decode_scaled(packed, scales, out)
@@ -79,13 +79,6 @@ class NVFP4Tensor:
     def to(self, device: torch.device | str) -> NVFP4Tensor:
         return NVFP4Tensor(self.packed.to(device), self.block_scales.to(device),
                            self.tensor_scale.to(device), self.amax.to(device), self.tile)
-
-
-def encode_scale(amax: torch.Tensor) -> torch.Tensor:
-    """S_enc = min(2688 / amax, FLT_MAX), 1 when amax == 0 (fp32 scalar)."""
-    amax = amax.float()
-    s_enc = (torch.tensor(NVFP4_RANGE, device=amax.device) / amax).clamp(max=FLT_MAX)
-    return torch.where(amax == 0, torch.ones_like(s_enc), s_enc)
 
 
 def _fp32(value: float) -> float:
@@ -109,7 +102,7 @@ def _tensor_scales(amax: float) -> tuple[float, float]:
 _E4M3_DECODE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
 
 
-def e4m3_to_float(scales: torch.Tensor) -> torch.Tensor:
+def _e4m3_to_float(scales: torch.Tensor) -> torch.Tensor:
     """float8_e4m3fn -> float32, exact (a table lookup on CPU)."""
     if scales.device.type != "cpu":
         return scales.float()
@@ -187,9 +180,9 @@ def _block_amax(rows: torch.Tensor, spans: list[tuple[int, int]], mag: torch.Ten
     """
     n, k = rows.shape
     bits = torch.empty(n, k // BLOCK, dtype=torch.int32, device=rows.device)
-    scratch = mag.shape[0] < n
+    reuse = mag.shape[0] < n
     for start, stop in spans:
-        m = _magnitudes(rows[start:stop], mag[:stop - start] if scratch else mag[start:stop])
+        m = _magnitudes(rows[start:stop], mag[:stop - start] if reuse else mag[start:stop])
         torch.amax(m.view(torch.int32).view(stop - start, k // BLOCK, BLOCK), -1, out=bits[start:stop])
     return bits.view(torch.float32)
 
@@ -207,7 +200,7 @@ def _block_scales(block_amax: torch.Tensor, tile_rows: int,
         n = block_amax.shape[0]
         block_amax = block_amax.view(n // tile_rows, tile_rows, -1).amax(1).repeat_interleave(tile_rows, 0)
     s_blk = (block_amax * s_enc_over_6).clamp_(max=E4M3_MAX).to(torch.float8_e4m3fn)
-    s_blk_f = e4m3_to_float(s_blk)
+    s_blk_f = _e4m3_to_float(s_blk)
     enc = torch.reciprocal(s_blk_f * s_dec).clamp_(max=FLT_MAX)
     return amax, s_blk, s_blk_f, enc
 
@@ -289,11 +282,11 @@ def quantize_dequantize_unscaled(x: torch.Tensor, out: torch.Tensor | None = Non
     return out.view(x.shape), amax
 
 
-def _restore_signs(mag: torch.Tensor, x: torch.Tensor, scratch: torch.Tensor) -> None:
+def _restore_signs(mag: torch.Tensor, x: torch.Tensor, work: torch.Tensor) -> None:
     """Give the non-negative fp32 `mag` the signs of x (two integer ops beat copysign for fp32 x)."""
     if x.dtype == torch.float32:
-        torch.bitwise_and(x.view(torch.int32), _F32_SIGN_BIT, out=scratch)
-        mag.view(torch.int32).bitwise_or_(scratch)
+        torch.bitwise_and(x.view(torch.int32), _F32_SIGN_BIT, out=work)
+        mag.view(torch.int32).bitwise_or_(work)
     else:
         mag.copysign_(x)
 
@@ -309,10 +302,11 @@ def _add_sign_bits(x: torch.Tensor, codes: torch.Tensor, scratch: torch.Tensor, 
 
 
 def _grid_anchor(mag: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    """Bits of C = 2^22 * max(1, 2^floor(log2 m)) per magnitude m in [0, 6], into `anchor` (int32).
+    """Bits of C = 2^22 * max(1, 2^floor(log2 m)) per magnitude m in [0, 7), into `anchor` (int32).
 
     Adding C rounds m to the E2M1 grid in one IEEE addition (round to nearest even): the ulp of C
-    equals the grid step, 0.5 below 2 (subnormals and [1, 2)), 1 in [2, 4), 2 in [4, 6].
+    equals the grid step, 0.5 below 2 (subnormals and [1, 2)), 1 in [2, 4), 2 in [4, 8) (so a
+    magnitude in (6, 7) rounds to 6, as it would after clamping to 6).
     """
     torch.bitwise_and(mag.view(torch.int32), _F32_EXPONENT_MASK, out=anchor).clamp_(min=_F32_ONE_BITS)
     return anchor.add_((_F32_MANTISSA_BITS - 1) << _F32_MANTISSA_BITS)
