@@ -119,7 +119,9 @@ class NVFP4Linear(QuantizedLayer):
 
     Weight: NVFP4 with `tile` blocks (stored packed). Activation: quantized on every call with a fresh
     amax, 1x16 blocks along K. Output = (unscaled A) @ (unscaled W)^T in fp32 * alpha, + bias in fp32,
-    cast to the input dtype. `cache_dequantized` keeps the unscaled fp32 weight (exact, 8x the memory).
+    cast to the input dtype; the operands are bit-exact, the GEMM exact up to accumulation order (on
+    CPU alpha and bias are applied inside the GEMM call). `cache_dequantized` keeps the unscaled fp32
+    weight (exact, 8x the memory; what the explorer uses).
     """
 
     backend = "emulated"
@@ -178,26 +180,30 @@ class NVFP4Linear(QuantizedLayer):
             out = (a @ w.T).mul_(alpha)
             return (out if bias is None else out.add_(bias)).to(x.dtype).reshape(*lead, self.out_features)
         if self.pointwise_conv and x.dim() == 4:
-            # The same kernel family as the 1x1 convolution this layer replaces (oneDNN on CPU; it is much
-            # faster than the BLAS GEMM on some CPUs). Input (B, H, W, C) rows -> channels-last NCHW.
-            # alpha goes into the smaller operand: the weight (many tokens) or the output (few tokens).
-            a = a.view(x.shape).permute(0, 3, 1, 2)
-            shape = (self.out_features, self.in_features, 1, 1)
-            if rows.shape[0] >= self.in_features:
-                out = F.conv2d(a, w.mul(alpha).view(shape), bias)
-            else:
-                out = F.conv2d(a, w.view(shape))
-                if bias is None:
-                    out.mul_(alpha)
-                else:
-                    torch.add(bias.view(1, -1, 1, 1), out, alpha=alpha.item(), out=out)
-            return out.permute(0, 2, 3, 1).to(x.dtype)
+            return self._pointwise_conv_gemm(a.view(x.shape), w, alpha.item(), bias).to(x.dtype)
         out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32, device=x.device)
         if bias is None:  # alpha and bias fused into the GEMM (one pass over the output)
             torch.addmm(out, a, w.T, beta=0, alpha=alpha.item(), out=out)
         else:
             torch.addmm(bias, a, w.T, alpha=alpha.item(), out=out)
         return out.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _pointwise_conv_gemm(self, a: torch.Tensor, w: torch.Tensor, alpha: float,
+                             bias: torch.Tensor | None) -> torch.Tensor:
+        """(B, H, W, C) activations through the kernel of the 1x1 convolution this layer replaces (oneDNN
+        on CPU, much faster than the BLAS GEMM on some CPUs), channels-last in and out. alpha goes into
+        the smaller operand: the weight (more tokens than input channels) or the output."""
+        a = a.permute(0, 3, 1, 2)
+        shape = (self.out_features, self.in_features, 1, 1)
+        if a.numel() // self.in_features >= self.in_features:
+            out = F.conv2d(a, w.mul(alpha).view(shape), bias)
+        else:
+            out = F.conv2d(a, w.view(shape))
+            if bias is None:
+                out.mul_(alpha)
+            else:
+                torch.add(bias.view(1, -1, 1, 1), out, alpha=alpha, out=out)
+        return out.permute(0, 2, 3, 1)
 
 
 class Int8DynamicLinear(QuantizedLayer):
