@@ -223,10 +223,12 @@ def test_w4a4_reuses_the_activation_of_a_tensor_fed_to_consecutive_layers(monkey
         y = x.clone()  # equal values, another tensor: quantized again
         layers[1](y)
         assert len(calls) == 3
-    with torch.inference_mode():  # inference tensors have no version counter: reuse by identity only
+    with torch.inference_mode():  # inference tensors have no version counter: never reused
         z = torch.randn(2, 40, 64)
-        outs = [layer(z) for layer in layers]
-        assert len(calls) == 4
+        outs = [layer(z) for layer in layers[:2]]
+        z.mul_(-3.0)
+        outs.append(layers[2](z))
+        assert len(calls) == 6
         assert _max_rel(outs[2].reshape(-1, 48), _w4a4_reference(z, weights[2], None, (1, 16))) < 1e-6
 
 

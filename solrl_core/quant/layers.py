@@ -82,9 +82,8 @@ class _LastActivation(threading.local):
     Attention projections receive one tensor several times in a row (to_q, to_k, to_v of the same
     hidden states; to_k, to_v of the same text states): on CPU, a call with the very tensor the
     previous call on this thread quantized, unchanged, reuses its result. "Unchanged" is checked with
-    the version counter that in-place ops bump, where the tensor has one (grad and no_grad mode);
-    inference-mode tensors have none, so there the reuse relies on nothing writing into a tensor
-    between two consecutive quantized layers that both read it, as no diffusers model does.
+    the version counter that in-place ops bump (grad and no_grad mode). Inference-mode tensors have
+    none, so an in-place write could go unseen: they are always quantized afresh.
     """
 
     source: torch.Tensor | None = None
@@ -94,11 +93,10 @@ class _LastActivation(threading.local):
 
     @staticmethod
     def _key(x: torch.Tensor) -> tuple:
-        version = None if x.is_inference() else x._version
-        return x.data_ptr(), x.shape, x.stride(), x.dtype, version
+        return x.data_ptr(), x.shape, x.stride(), x.dtype, x._version
 
     def quantize(self, x: torch.Tensor, rows: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or x.is_inference():
             return quantize_dequantize_unscaled(rows, name=name)
         key = self._key(x)
         if self.source is x and self.key == key:
