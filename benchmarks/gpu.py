@@ -262,15 +262,8 @@ def iteration_memory(setup: Setup) -> dict:
     from solrl_core.models.slices import slice_components
     from solrl_core.plan import IterationShape, MemorySettings, plan_memory
     from solrl_core.plan.measure import rss_growth
+    from solrl_core.train import settings as st
     from solrl_core.train.session import TrainingSession
-    from solrl_core.train.settings import (
-        ExploreSettings,
-        RegenerateSettings,
-        RequantizeSettings,
-        SelectSettings,
-        SessionConfig,
-        UpdateSettings,
-    )
     from solrl_core.train.stages import explore, regenerate, select, update
 
     if setup.left() < 120:
@@ -293,13 +286,14 @@ def iteration_memory(setup: Setup) -> dict:
     reward = _Brightness()
 
     def iteration():
-        session = TrainingSession(Path(tempfile.mkdtemp()), policy, prompts, SessionConfig())
+        session = TrainingSession(Path(tempfile.mkdtemp()), policy, prompts, st.SessionConfig())
         backend = "cpu_int8" if setup.device.type == "cpu" else "auto"
-        copies = session.refresh_copies(RequantizeSettings(backend, min_dim=0 if setup.dry else -1))
-        kept = select(explore(session, reward, ExploreSettings(1, shape.candidates, shape.draft_steps, "low",
-                                                               shape.explore_batch)), SelectSettings(shape.keep))
-        samples = regenerate(kept, reward, RegenerateSettings(shape.full_steps, shape.regen_batch))
-        session.commit(update(samples, UpdateSettings(micro_batch=shape.micro_batch)))
+        copies = session.refresh_copies(st.RequantizeSettings(backend, min_dim=0 if setup.dry else -1))
+        drafts = explore(session, reward, st.ExploreSettings(1, shape.candidates, shape.draft_steps, "low",
+                                                          shape.explore_batch))
+        kept = select(drafts, st.SelectSettings(keep=shape.keep))
+        samples = regenerate(kept, reward, st.RegenerateSettings(shape.full_steps, batch_size=shape.regen_batch))
+        session.commit(update(samples, st.UpdateSettings(micro_batch=shape.micro_batch)))
         return copies.backend
 
     if setup.device.type == "cuda":

@@ -38,17 +38,10 @@ from solrl_core.plan import GIB  # noqa: E402
 from solrl_core.plan.measure import mmap_allocations, rss_growth  # noqa: E402
 from solrl_core.plan.workflow import plan_workflow  # noqa: E402
 from solrl_core.rewards import load_weighted_reward  # noqa: E402
+from solrl_core.train import settings as st  # noqa: E402
 from solrl_core.train.optimizers import state_bytes  # noqa: E402
 from solrl_core.train.samples import SampleBatch  # noqa: E402
 from solrl_core.train.session import TrainingSession  # noqa: E402
-from solrl_core.train.settings import (  # noqa: E402
-    ExploreSettings,
-    RegenerateSettings,
-    RequantizeSettings,
-    SelectSettings,
-    SessionConfig,
-    UpdateSettings,
-)
 from solrl_core.train.stages import explore, regenerate, select, update  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,9 +63,9 @@ class _Sessions:
     def __init__(self, policy):
         self.policy, self.root = policy, Path(tempfile.mkdtemp())
 
-    def __call__(self, name: str, **config) -> TrainingSession:
-        return TrainingSession(self.root / name, self.policy, PROMPTS, SessionConfig(lora_rank=32, lora_alpha=64.0,
-                                                                                       **config))
+    def __call__(self, name: str, **settings) -> TrainingSession:
+        config = st.SessionConfig(lora_rank=32, lora_alpha=64.0, **settings)
+        return TrainingSession(self.root / name, self.policy, PROMPTS, config)
 
 
 def _kept(session, prompts: int = 1, samples: int = 2, steps: int = 3) -> SampleBatch:
@@ -96,9 +89,9 @@ def _row(switch: str, what: str, memory: tuple[float, float] | None, times: dict
 
 def update_rows(sessions: _Sessions, repeats: int) -> list[str]:
     """NFT update of 2 samples (micro-batch 2, one timestep): default, checkpointed, 8-bit AdamW."""
-    settings = {"default": UpdateSettings(lr=1e-4, micro_batch=2),
-                "gradient_checkpointing": UpdateSettings(lr=1e-4, micro_batch=2, gradient_checkpointing=True),
-                "adamw8bit": UpdateSettings(lr=1e-4, micro_batch=2, optimizer="adamw8bit")}
+    settings = {"default": st.UpdateSettings(lr=1e-4, micro_batch=2),
+                "gradient_checkpointing": st.UpdateSettings(lr=1e-4, micro_batch=2, gradient_checkpointing=True),
+                "adamw8bit": st.UpdateSettings(lr=1e-4, micro_batch=2, optimizer="adamw8bit")}
     runs = {}
     for name, s in settings.items():
         session = sessions(f"update-{name}")
@@ -122,13 +115,13 @@ def regenerator_rows(sessions: _Sessions, repeats: int) -> list[str]:
     growth, cases = {}, {}
     for mode in ("merged_copy", "adapter"):
         session = sessions(f"regen-{mode}")
-        s = RequantizeSettings(backend="none", regenerator=mode)
+        s = st.RequantizeSettings(backend="none", regenerator=mode)
         batch = _kept(session)
 
         def iteration(session=session, s=s, batch=batch):
             session.iteration += 1  # a new iteration: the merged copy is refreshed, as after an update
             session.refresh_copies(s)
-            regenerate(batch, reward, RegenerateSettings(steps=3, batch_size=2))
+            regenerate(batch, reward, st.RegenerateSettings(steps=3, batch_size=2))
 
         growth[mode] = rss_growth(iteration) / MIB  # the first one builds the merged copy
         cases[mode] = iteration
@@ -151,11 +144,12 @@ def offload_rows(sessions: _Sessions, repeats: int) -> list[str]:
         session = embedded(f"offload-{name}", offload_frozen=on)
 
         def iteration(session=session):
-            session.refresh_copies(RequantizeSettings(backend="emulated", min_dim=0))
-            drafts = explore(session, reward, ExploreSettings(prompts_per_iteration=2, candidates=16, steps=4,
+            session.refresh_copies(st.RequantizeSettings(backend="emulated", min_dim=0))
+            drafts = explore(session, reward, st.ExploreSettings(prompts_per_iteration=2, candidates=16, steps=4,
                                                               batch_size=32))
-            kept = regenerate(select(drafts, SelectSettings(keep=8)), reward, RegenerateSettings(steps=8, batch_size=16))
-            update(kept, UpdateSettings(lr=1e-4, micro_batch=16))
+            kept = regenerate(select(drafts, st.SelectSettings(keep=8)), reward,
+                              st.RegenerateSettings(steps=8, batch_size=16))
+            update(kept, st.UpdateSettings(lr=1e-4, micro_batch=16))
             session.iteration += 1
 
         cases[name] = iteration

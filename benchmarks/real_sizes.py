@@ -1,7 +1,7 @@
 """Real model sizes: the explorer's layers, the memory plans of the paper workflows, and how close
 the plan's activation traces come to memory measured on the CPU.
 
-    python benchmarks/real_sizes.py [--skip-measure] [--threads 2]
+    python benchmarks/real_sizes.py [--skip-measure]
 
 Writes benchmarks/results/real_sizes.md (the README shows it). Loads no weights except for the
 measured real-width slices, which are random.
@@ -86,7 +86,9 @@ def measure_table(threads: int) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-measure", action="store_true", help="leave out the CPU measurements (minutes)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads while measuring (more threads add per-thread kernel scratch to the "
+                         "process, which is not part of a GPU's memory)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     lines = ["# Real model sizes", "", "`python benchmarks/real_sizes.py`", "",
@@ -100,9 +102,10 @@ def main(argv: list[str] | None = None) -> None:
              *plan_table()]
     if not args.skip_measure:
         lines += ["", "## Traced activations against memory measured on the CPU", "",
-                  "Real-width slices (random weights, one or two blocks, 32 px), fp32: one sampling step at batch 4 "
-                  "and one NFT-update pair at micro-batch 2 (`python -m solrl_core.plan.measure FAMILY`); measured "
-                  "= growth of resident memory with large blocks served by mmap.", "", *measure_table(args.threads)]
+                  "Real-width slices (random weights, one or two blocks, 32 px), fp32, one CPU thread: one sampling "
+                  "step at batch 4 and one NFT-update pair at micro-batch 2 (`python -m solrl_core.plan.measure "
+                  "FAMILY`); measured = growth of resident memory with large blocks served by mmap.", "",
+                  *measure_table(args.threads)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

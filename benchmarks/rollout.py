@@ -11,14 +11,18 @@ quantizing (it is the faithful reference, not a fast path), so the gain there co
 K < N; `cpu_int8` shows a fast low-precision explorer. On Blackwell GPUs the NVFP4 GEMMs add the
 hardware speedup the paper measures.
 
-Real-width slices (`--families`): the same comparison per model family on a random-weight slice of
-the published transformer (real widths, heads and explorer thresholds; one block; a resolution that
-gives each explore batch about a thousand GEMM rows), at the paper's proportions N / K = 96 / 24 = 4
-and D / F = 6 / 10 = 0.6 scaled down.
+A second table times one model step of each explorer against one full-precision step on the same
+batch (the quickstart's 64 images), and how much of each step the quantizable layers take.
+
+Real-width slices (`--families`): the rollout comparison per model family on a random-weight slice
+of the published transformer (real widths, heads and explorer thresholds; one block; a resolution
+that gives each explore batch about a thousand GEMM rows), at the paper's proportions
+N / K = 96 / 24 = 4 and D / F = 6 / 10 = 0.6 scaled down.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -26,10 +30,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from solrl_core.models import load_policy  # noqa: E402
+from solrl_core.quant import QuantizedLayer  # noqa: E402
 from solrl_core.rewards import load_weighted_reward  # noqa: E402
 from solrl_core.train.prompts import load_prompts  # noqa: E402
 from solrl_core.train.session import TrainingSession  # noqa: E402
@@ -55,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--full-steps", type=int, default=10, help="F")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--step-batch", type=int, default=64, help="images per model step in the per-step table")
+    ap.add_argument("--step-repeats", type=int, default=15)
     ap.add_argument("--out", type=Path, default=RESULTS)
     add_slice_arguments(ap)
     args = ap.parse_args(argv)
@@ -106,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         med = statistics.median(times[name])
         lines.append(f"| {name} | {med:.2f} | {base / med:.2f}x |")
     lines += ["", "Paper (8x B200, SANA / FLUX.1 / SD3.5-L rollout): 1.41x / 2.33x / 2.41x."]
+    lines += explorer_step_section(policy, prompts, sessions, args.step_batch, args.step_repeats, args.threads)
     lines += slice_table(args)
     text = "\n".join(lines) + "\n"
     print(text)
@@ -157,19 +166,21 @@ def slice_rollouts(family: str, args) -> tuple[dict[str, list[float]], int]:
     sessions = {}
     for backend in ("none", "emulated", "cpu_int8"):
         session = TrainingSession(tmp / backend, policy, prompts, SessionConfig(lora_rank=8, lora_alpha=8.0))
-        session.refresh_copies(RequantizeSettings(backend))
+        session.refresh_copies(RequantizeSettings(backend))  # the family's preset: real thresholds
         sessions[backend] = session
+    kept_settings = SelectSettings(keep=keep)
+    regen_settings = RegenerateSettings(full, batch_size=keep * args.slice_prompts)
 
     def naive() -> None:
         select(explore(sessions["none"], reward, ExploreSettings(args.slice_prompts, pool, full, "full", pool)),
-               SelectSettings(keep))
+               kept_settings)
 
     def sol_rl(backend: str):
         def run() -> None:
             s = sessions[backend]
             kept = select(explore(s, reward, ExploreSettings(args.slice_prompts, pool, draft, "low", pool)),
-                          SelectSettings(keep))
-            regenerate(kept, reward, RegenerateSettings(full, batch_size=keep * args.slice_prompts))
+                          kept_settings)
+            regenerate(kept, reward, regen_settings)
         return run
 
     cases = {"naive": naive, "emulated": sol_rl("emulated"), "cpu_int8": sol_rl("cpu_int8")}
@@ -196,6 +207,76 @@ def slice_table(args) -> list[str]:
         lines.append(f"| {family} | {params / 1e6:.0f} M | {naive:.2f} | {emu:.2f} | {naive / emu:.2f}x | "
                      f"{int8:.2f} | {naive / int8:.2f}x |")
         print(lines[-1], flush=True)
+# --- one model step: explorer vs full precision -------------------------------------------------------
+
+STEP_TARGETS = {"emulated": "cost <= 1.3x", "cpu_int8": "speed-up >= 1.5x"}
+
+
+def _quantizable_layer_seconds(model: nn.Module, step, repeats: int = 3) -> float:
+    """Median seconds per step spent inside the layers the explorer quantizes (or their full-precision
+    originals): forward hooks on quantized layers, linears and 1x1 convolutions inside the blocks."""
+    spent, starts = [0.0], {}
+
+    def pre(module, args):
+        starts[id(module)] = time.perf_counter()
+
+    def post(module, args, out):
+        spent[0] += time.perf_counter() - starts.pop(id(module))
+
+    targets = [m for n, m in model.named_modules() if ".attn" in n or ".ff." in n]
+    targets = [m for m in targets if isinstance(m, (QuantizedLayer, nn.Linear))
+               or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))]
+    handles = [h for m in targets for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    samples = []
+    try:
+        for _ in range(repeats):
+            spent[0] = 0.0
+            step(model)
+            samples.append(spent[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return statistics.median(samples)
+
+
+def explorer_step_section(policy, prompts: list[str], sessions: dict, batch: int, repeats: int,
+                          threads: int) -> list[str]:
+    """One Euler step's model call for `batch` images: full precision vs each explorer, interleaved."""
+    models = {"full precision (fp32)": sessions["none"].copies.regenerator,
+              "emulated NVFP4 explorer": sessions["emulated"].copies.explorer,
+              "cpu_int8 explorer": sessions["cpu_int8"].copies.explorer}
+    cond = policy.encode([prompts[i % len(prompts)] for i in range(batch)])
+    x = policy.initial_noise(list(range(batch)))
+    sigma = torch.full((batch,), 0.75)
+
+    def step(model: nn.Module) -> None:
+        with torch.no_grad():
+            policy.velocity(model, x, sigma, cond)
+
+    load_before = os.getloadavg()[0]
+    times = interleaved_times({name: (lambda m=model: step(m)) for name, model in models.items()}, repeats)
+    load = (load_before + os.getloadavg()[0]) / 2
+    inside = {name: _quantizable_layer_seconds(model, step) for name, model in models.items()}
+    base = statistics.median(times["full precision (fp32)"])
+    lines = [
+        "",
+        "## One model step: explorer vs full precision (embedded model)",
+        "",
+        f"One call of the embedded model on {batch} images (one Euler step), {threads} threads, median of "
+        f"{repeats} interleaved repeats after a warm-up; 1-minute load average during the run {load:.1f} on "
+        f"{os.cpu_count()} cores. The explorers are the ones Requantize builds for the quickstart (min_dim 0: "
+        "every linear and 1x1 convolution of the blocks, 16x16 weight tiles, dequantized weights cached). "
+        "'In quantizable layers' is measured in a separate hooked pass: the rest of the step (depthwise "
+        "convolutions, SiLU gates, linear attention, norms, embedders) is the same full-precision work in "
+        "every row.",
+        "",
+        "| model step | median ms | cost vs fp32 | speed-up vs fp32 | in quantizable layers, ms | target |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, backend in zip(models, ("none", "emulated", "cpu_int8")):
+        med = statistics.median(times[name])
+        lines.append(f"| {name} | {1000 * med:.1f} | {med / base:.2f}x | {base / med:.2f}x | "
+                     f"{1000 * inside[name]:.1f} | {STEP_TARGETS.get(backend, '')} |")
     return lines
 
 

@@ -55,6 +55,14 @@ def test_paper_flux_workflow_plan(capsys):
     assert "single_transformer_blocks.[0-37].proj_out (38)" in text and "fits 80.0 GiB: " in text
 
 
+def test_quickstart_plan_on_the_embedded_model(capsys):
+    """A model without a VAE (pixel space); the quickstart's min_dim 0 explorer: 28 layers."""
+    d = _plan_json(capsys, str(ROOT / "workflows" / "quickstart.json"), "--gpu-memory", "8")
+    assert d["family"] == "sana" and d["resolution"] == [32, 32] and "vae" not in d["holdings"]
+    assert len(d["quantized_layers"]) == 28 and d["fits"] is True
+    assert d["holdings"]["transformer"] == 2 * d["parameters"]["transformer"]  # bf16 on a GPU
+
+
 @pytest.fixture(scope="module")
 def tiny_flux(tmp_path_factory):
     return save_pipeline(build_flux(seed=0), tmp_path_factory.mktemp("m") / "flux")

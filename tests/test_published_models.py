@@ -140,3 +140,16 @@ def test_config_only_folders_resolve_but_do_not_load(repo_id):
     with pytest.raises(ModelNotFoundError) as err:
         load_policy(str(folder))
     assert "configs only" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_layer_table_in_results_and_readme_is_current():
+    """benchmarks/real_sizes.py generates the explorer layer table; the shipped copies must match it."""
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    table = runpy.run_path(str(root / "benchmarks" / "real_sizes.py"))["layer_table"]()
+    results = (root / "benchmarks" / "results" / "real_sizes.md").read_text()
+    readme = (root / "README.md").read_text()
+    for line in table[2:]:
+        assert line in results and line in readme, line

@@ -12,8 +12,9 @@ from solrl_core.models import adapter_state
 from solrl_core.models.published import component_config, published_folder
 from solrl_core.models.slices import ONE_BLOCK, SLICE_DEPTH, build_slice
 from solrl_core.rewards import load_weighted_reward
-from solrl_core.train.session import SAMPLING, TRAINED, SessionConfig, TrainingSession
-from solrl_core.train.stages import UpdateSettings, explore, rank, regenerate, update
+from solrl_core.train import settings as st
+from solrl_core.train.session import SAMPLING, TRAINED, TrainingSession
+from solrl_core.train.stages import explore, regenerate, select, update
 
 # The default suite runs one block per family (ONE_BLOCK); the slow suite the slice depth
 # (FLUX.1 one double- and one single-stream block, SD3.5 two blocks).
@@ -33,15 +34,15 @@ def _slice_layers(family: str, depth: dict[str, int]) -> list[str]:
 
 
 def _iteration(policy, backend: str, tmp_path) -> tuple[TrainingSession, dict]:
-    session = TrainingSession(tmp_path / backend, policy, PROMPTS, SessionConfig(lora_rank=4, lora_alpha=4.0))
+    session = TrainingSession(tmp_path / backend, policy, PROMPTS, st.SessionConfig(lora_rank=4, lora_alpha=4.0))
     reward = load_weighted_reward("jpeg_compressibility")
-    copies = session.refresh_copies(backend)
-    drafts = explore(session, reward, prompts_per_iteration=1, pool=4, steps=1, batch_size=4)
+    copies = session.refresh_copies(st.RequantizeSettings(backend))  # the family's preset: real thresholds
+    drafts = explore(session, reward, st.ExploreSettings(prompts_per_iteration=1, candidates=4, steps=1, batch_size=4))
     draft_shape = tuple(drafts.latents.shape)  # (the batches are released when the iteration commits)
-    kept = rank(drafts, 2)
-    samples = regenerate(kept, reward, steps=2, batch_size=2)
+    kept = select(drafts, st.SelectSettings(keep=2))
+    samples = regenerate(kept, reward, st.RegenerateSettings(steps=2, batch_size=2))
     before = {"trained": adapter_state(policy.transformer, TRAINED), "sampling": adapter_state(policy.transformer, SAMPLING)}
-    stats = update(samples, UpdateSettings(micro_batch=2, train_fraction=0.6))
+    stats = update(samples, st.UpdateSettings(micro_batch=2, train_fraction=0.6))
     session.commit(stats)
     return session, {"copies": copies, "drafts": drafts, "draft_shape": draft_shape, "samples": samples,
                      "stats": stats, "before": before}

@@ -42,7 +42,8 @@ def meta_policy(folder: Path, family: str, dtype: torch.dtype, depth: dict[str, 
     no text encoders (conditioning is given as shapes). `settings`: adapter options over those of the
     folder's solrl.json (resolution, max_sequence_length, ...), as load_policy takes them."""
     index = pipeline_index(folder)
-    components: dict = {"vae": None, **{name: None for name in index}}  # a pixel-space model has no VAE
+    components: dict = dict.fromkeys(("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                                      "tokenizer_2", "tokenizer_3", *index))
     components["transformer"] = build_component(folder, "transformer", META, dtype, **(depth or {}))
     if "vae" in index:
         components["vae"] = build_component(folder, "vae", META, dtype)

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--sample-batch", type=int, default=4)
     ap.add_argument("--resolution", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="more threads add per-thread CPU kernel scratch")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     rows = run(args.family, args.micro_batch, args.sample_batch, args.resolution, args.threads)

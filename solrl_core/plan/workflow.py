@@ -85,6 +85,7 @@ def shape_from_workflow(graph: ApiGraph, source: str) -> tuple[IterationShape, d
         micro_batch=update["micro_batch"], explore_precision=sampler["precision"], regenerate=regen is not None,
         audit_size=regen["audit_size"] if regen and regen["audit_every"] else 0,
         eval_samples=evaluate["prompts"] * evaluate["per_prompt"] if evaluate and evaluate["every"] else 0,
+        eval_batch=evaluate.get("batch_size", 32) if evaluate else 32,
         lora_rank=run["lora_rank"], lora_alpha=run["lora_alpha"], full_finetune=run["full_finetune"],
         backend=quant.get("backend", "none"), min_dim=None if min_dim < 0 else min_dim,
         weight_tile=(16, 16) if quant.get("weight_tile", "16x16") == "16x16" else (1, 16),
