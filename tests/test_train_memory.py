@@ -13,17 +13,10 @@ from solrl_core.models import adapter_state, load_adapter_state, load_policy
 from solrl_core.models.lora import SAMPLING, TRAINED, trainable_parameters
 from solrl_core.plan.trace import trace_peak
 from solrl_core.rewards import WeightedReward, load_reward
+from solrl_core.train import settings as st
 from solrl_core.train.offload import Offloader
 from solrl_core.train.samples import SampleBatch
 from solrl_core.train.session import TrainingSession
-from solrl_core.train.settings import (
-    ExploreSettings,
-    RegenerateSettings,
-    RequantizeSettings,
-    SelectSettings,
-    SessionConfig,
-    UpdateSettings,
-)
 from solrl_core.train.stages import explore, regenerate, select, update
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -32,7 +25,7 @@ PROMPTS = ["a red circle", "a blue square"]
 def _session(tmp_path, name="run", dtype=torch.float32, **config) -> TrainingSession:
     """The embedded model with trained and sampling weights different from each other and the base."""
     config = {"lora_rank": 8, "lora_alpha": 8.0, **config}
-    session = TrainingSession(tmp_path / name, load_policy("embedded", dtype=dtype), PROMPTS, SessionConfig(**config))
+    session = TrainingSession(tmp_path / name, load_policy("embedded", dtype=dtype), PROMPTS, st.SessionConfig(**config))
     model = session.policy.transformer
     g = torch.Generator().manual_seed(1)
     scale = 0.02 if session.config.full_finetune else 0.3
@@ -72,7 +65,7 @@ def _update(session, **settings):
     allocated: peak and still held after)."""
     params = trainable_parameters(session.policy.transformer)
     grads: list[torch.Tensor] = []
-    s = UpdateSettings(lr=1e-3, micro_batch=4, **settings)
+    s = st.UpdateSettings(lr=1e-3, micro_batch=4, **settings)
     session.get_optimizer(s.optimizer_settings()).register_step_pre_hook(
         lambda *a: grads.extend(p.grad.clone() for p in params))
     batch = _training_batch(session)
@@ -108,8 +101,8 @@ def test_gradient_checkpointing_gives_the_same_loss_gradients_and_step(tmp_path)
 
 # --- regenerating through the sampling adapter --------------------------------------------------
 def _regenerated(session, mode: str) -> torch.Tensor:
-    session.refresh_copies(RequantizeSettings(backend="none", regenerator=mode))
-    return regenerate(_kept(session), MeanBrightness(), RegenerateSettings(steps=8)).latents
+    session.refresh_copies(st.RequantizeSettings(backend="none", regenerator=mode))
+    return regenerate(_kept(session), MeanBrightness(), st.RegenerateSettings(steps=8)).latents
 
 
 def _bytes(*modules) -> int:
@@ -182,11 +175,11 @@ class Placement:
 
 
 def _iteration(session, reward, uses: list) -> dict:
-    session.refresh_copies(RequantizeSettings(backend="emulated", min_dim=0))
+    session.refresh_copies(st.RequantizeSettings(backend="emulated", min_dim=0))
     uses.append("requantize")
-    drafts = explore(session, reward, ExploreSettings(prompts_per_iteration=2, candidates=4, steps=2, batch_size=8))
-    kept = regenerate(select(drafts, SelectSettings(keep=2)), reward, RegenerateSettings(steps=3))
-    stats = update(kept, UpdateSettings(lr=1e-3, micro_batch=4))
+    drafts = explore(session, reward, st.ExploreSettings(prompts_per_iteration=2, candidates=4, steps=2, batch_size=8))
+    kept = regenerate(select(drafts, st.SelectSettings(keep=2)), reward, st.RegenerateSettings(steps=3))
+    stats = update(kept, st.UpdateSettings(lr=1e-3, micro_batch=4))
     session.commit(stats)
     return {k: v for k, v in session.metrics[-1].items() if not k.startswith("time_")}
 
@@ -200,7 +193,7 @@ def test_offloading_keeps_each_frozen_part_on_the_device_only_while_it_is_used(t
     placement = Placement()
     session.offload = Offloader(True, move=placement, storage="meta")
     encoder = session.policy.text_encoder
-    explorer = session.refresh_copies(RequantizeSettings(backend="emulated", min_dim=0)).explorer
+    explorer = session.refresh_copies(st.RequantizeSettings(backend="emulated", min_dim=0)).explorer
     placement.names.update({id(encoder): "text_encoder", id(reward): "reward", id(explorer): "explorer"})
     session.set_offload(True)  # Training Run's offload_frozen: the text encoder waits on the CPU
     assert placement.at(encoder) == "cpu" and placement.at(explorer) == "device"
@@ -247,14 +240,14 @@ def test_offloading_may_change_between_presses(tmp_path):
     from solrl_core.train.session import open_session
 
     policy = load_policy("embedded")
-    first = open_session(tmp_path / "run", policy, PROMPTS, SessionConfig(lora_rank=4))
-    again = open_session(tmp_path / "run", policy, PROMPTS, SessionConfig(lora_rank=4, offload_frozen=True))
+    first = open_session(tmp_path / "run", policy, PROMPTS, st.SessionConfig(lora_rank=4))
+    again = open_session(tmp_path / "run", policy, PROMPTS, st.SessionConfig(lora_rank=4, offload_frozen=True))
     assert again is first and first.offload.enabled
     first.commit({})
-    resumed = TrainingSession(tmp_path / "run", load_policy("embedded"), PROMPTS, SessionConfig(lora_rank=4))
+    resumed = TrainingSession(tmp_path / "run", load_policy("embedded"), PROMPTS, st.SessionConfig(lora_rank=4))
     assert resumed.iteration == 1 and not resumed.offload.enabled  # saved with offloading on, resumed off
     with pytest.raises(ValueError, match="other settings"):  # a run-defining setting still may not change
-        TrainingSession(tmp_path / "run", load_policy("embedded"), PROMPTS, SessionConfig(lora_rank=8))
+        TrainingSession(tmp_path / "run", load_policy("embedded"), PROMPTS, st.SessionConfig(lora_rank=8))
 
 
 # --- 8-bit AdamW --------------------------------------------------------------------------------
@@ -272,7 +265,7 @@ def eager_torchao():
 def _two_updates(session, optimizer: str) -> dict[str, torch.Tensor]:
     """Two committed iterations on the same batch; the trained weights after them."""
     for _ in range(2):
-        session.commit(update(_training_batch(session), UpdateSettings(lr=1e-3, micro_batch=4, optimizer=optimizer)))
+        session.commit(update(_training_batch(session), st.UpdateSettings(lr=1e-3, micro_batch=4, optimizer=optimizer)))
     return adapter_state(session.policy.transformer, TRAINED)
 
 
@@ -307,7 +300,7 @@ def test_adamw8bit_steps_as_adamw_within_its_quantization(tmp_path, eager_torcha
     for kind in ("adamw", "adamw8bit"):
         fresh = _session(tmp_path, f"held-{kind}", lora_rank=32)
         batch = _training_batch(fresh)
-        held[kind] = trace_peak(lambda b=batch, k=kind: update(b, UpdateSettings(lr=1e-3, micro_batch=4, optimizer=k)),
+        held[kind] = trace_peak(lambda b=batch, k=kind: update(b, st.UpdateSettings(lr=1e-3, micro_batch=4, optimizer=k)),
                                 fused=False).held
     assert held["adamw8bit"] < held["adamw"] / 3, held  # measured 0.26
 
@@ -316,14 +309,14 @@ def test_adamw8bit_steps_as_adamw_within_its_quantization(tmp_path, eager_torcha
 def test_adamw8bit_resumes_exactly(tmp_path, eager_torchao):
     uninterrupted = _two_updates(_session(tmp_path, "once", lora_rank=32), "adamw8bit")
     first = _session(tmp_path, "resumed", lora_rank=32)
-    first.commit(update(_training_batch(first), UpdateSettings(lr=1e-3, micro_batch=4, optimizer="adamw8bit")))
+    first.commit(update(_training_batch(first), st.UpdateSettings(lr=1e-3, micro_batch=4, optimizer="adamw8bit")))
     resumed = TrainingSession(tmp_path / "resumed", load_policy("embedded"), PROMPTS, first.config)
     assert type(next(iter(resumed.optimizer.state.values()))["exp_avg"]).__name__ == "OptimState8bit"
-    resumed.commit(update(_training_batch(resumed), UpdateSettings(lr=1e-3, micro_batch=4, optimizer="adamw8bit")))
+    resumed.commit(update(_training_batch(resumed), st.UpdateSettings(lr=1e-3, micro_batch=4, optimizer="adamw8bit")))
     after = adapter_state(resumed.policy.transformer, TRAINED)
     assert all(torch.equal(after[k], uninterrupted[k]) for k in after)
     with pytest.raises(ValueError, match="UpdateSettings.optimizer: this run's optimizer state is 'adamw8bit'"):
-        update(_training_batch(resumed), UpdateSettings(optimizer="adamw"))
+        update(_training_batch(resumed), st.UpdateSettings(optimizer="adamw"))
 
 
 @needs_torchao
@@ -358,5 +351,5 @@ def test_adamw8bit_without_torchao_is_a_one_line_error_before_compute(tmp_path, 
     from solrl_core.train.optimizers import OptimizerUnavailableError, build_optimizer
 
     with pytest.raises(OptimizerUnavailableError, match="pip install"):  # the Python API says the same
-        build_optimizer([torch.nn.Parameter(torch.zeros(1))], {**UpdateSettings().optimizer_settings(),
+        build_optimizer([torch.nn.Parameter(torch.zeros(1))], {**st.UpdateSettings().optimizer_settings(),
                                                                 "kind": "adamw8bit"})
