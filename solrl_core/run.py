@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         api, _ = load_workflow(args.workflow)
         apply_overrides(api, args.overrides, args.workflow)
-        graph = validate(api, args.workflow)
+        run_dir = args.run_dir or default_run_dir(args.workflow)
+        with use_context(RunContext(run_dir=run_dir)):  # checks of the run's state see the real folder
+            graph = validate(api, args.workflow)
         if args.to_api or args.to_ui:
             for out, data in ((args.to_api, graph), (args.to_ui, api_to_ui(graph) if args.to_ui else None)):
                 if out:
@@ -160,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.validate_only:
             print(f"{args.workflow}: ok ({len(graph)} nodes)")
             return 0
-        run_dir = args.run_dir or default_run_dir(args.workflow)
         check_writable(run_dir)
     except (WorkflowError, PermissionError, OSError) as e:
         if args.debug:

@@ -3,6 +3,7 @@ BF16 Regenerator and NFT Update. Thin: the work is in solrl_core.train."""
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -169,14 +170,26 @@ register(OpSpec(
 
 # --- Training Run -----------------------------------------------------------------------------
 def _check_run(inputs: dict[str, Any], linked: dict[str, dict]) -> None:
+    from ..train.checkpoint import CheckpointError, latest_checkpoint
+    from ..train.session import resumable_checkpoint
+
     if inputs.get("log_to") == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise InputError("log_to", 'TensorBoard logging needs the tensorboard package: pip install -e ".[tensorboard]"')
     ctx = current_context()
-    run_dir = ctx.run_dir or ctx.runs_root / inputs.get("run_name", "sol_rl")
+    run_dir = Path(ctx.run_dir or ctx.runs_root / inputs.get("run_name", "sol_rl"))
     try:
-        check_writable(Path(run_dir))
+        check_writable(run_dir)
     except PermissionError as e:
         raise InputError("run_name", str(e)) from None
+    if inputs.get("mode", "continue") == "continue":  # what resuming would refuse, refused before compute
+        names = [f.name for f in fields(SessionConfig)]
+        try:
+            if all(n in inputs for n in names):
+                resumable_checkpoint(run_dir, SessionConfig(**{n: inputs[n] for n in names}))
+            else:  # some run settings are linked: their values are known only when the run opens
+                latest_checkpoint(run_dir)
+        except CheckpointError as e:
+            raise InputError("mode", str(e)) from None
 
 
 def training_run_op(policy, prompts: list[str], run_name: str, mode: str, log_to: str = "metrics.jsonl",

@@ -33,7 +33,14 @@ from ..quant import DEFAULT_SKIP, QuantConfig, quantize_model, requantize_model
 from ..runtime import distributed as dp
 from ..runtime.files import atomic_write_text
 from ..runtime.metrics import metrics_log
-from .checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from .prompts import PromptCursor
 from .settings import RequantizeSettings, SessionConfig
 
@@ -72,11 +79,11 @@ class TrainingSession:
         self.pending_cursor: PromptCursor | None = None
         self._batches: list[weakref.ref] = []  # this iteration's sample batches, released at commit
         self._prepare_model()
-        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        checkpoint = resumable_checkpoint(self.run_dir, config) if resume else None
         if checkpoint is not None:
             self._restore(checkpoint)
         else:
-            self._fresh()
+            self._fresh(replace_old_run=not resume)
 
     # --- set-up ---------------------------------------------------------------------------
     def _prepare_model(self) -> None:
@@ -92,13 +99,14 @@ class TrainingSession:
             raise ValueError("this policy already carries adapters of another shape; load the policy again "
                              "for a run with a different LoRA rank or fine-tuning mode")
 
-    def _fresh(self) -> None:
+    def _fresh(self, replace_old_run: bool) -> None:
         initial = self.policy.transformer._solrl_initial_adapters[1]
         for name in (TRAINED, SAMPLING):
             load_adapter_state(self.policy.transformer, name, initial)
         self.ema = {k: v.clone() for k, v in initial.items()}
         if dp.is_main():
-            shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)  # "new" replaces an old run
+            if replace_old_run:  # mode "new"; "continue" never deletes (latest_checkpoint refuses instead)
+                shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "session.json", json.dumps(asdict(self.config), indent=1) + "\n")
         metrics_log(self.run_dir).restore([])  # a new run in an old directory drops the old run's iterations
@@ -106,12 +114,6 @@ class TrainingSession:
 
     def _restore(self, path: Path) -> None:
         tensors, optimizer, meta = load_checkpoint(path)
-        saved = SessionConfig(**meta["config"])
-        if saved != self.config:
-            diff = {k: (getattr(saved, k), getattr(self.config, k)) for k in asdict(saved)
-                    if getattr(saved, k) != getattr(self.config, k)}
-            raise ValueError(f"run directory {self.run_dir} holds a run with other settings {diff} "
-                             "(saved, given); choose mode 'new' or another run name")
         model = self.policy.transformer
         for name in (TRAINED, SAMPLING):
             load_adapter_state(model, name, _strip(tensors, name))
@@ -239,6 +241,20 @@ class TrainingSession:
 
 def _strip(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def resumable_checkpoint(run_dir: Path, config: SessionConfig) -> Path | None:
+    """The checkpoint mode 'continue' resumes from (None: the run has none yet). Reads only; raises
+    CheckpointError for a missing or broken checkpoint and for one saved with other run settings.
+    Training Run checks this at validation, before anything is computed or written."""
+    path = latest_checkpoint(run_dir)
+    if path is not None:
+        saved, given = read_state(path)["config"], asdict(config)
+        diff = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
+        if diff:
+            raise CheckpointError(f"run directory {run_dir} holds a run with other settings {diff} (saved, given); "
+                                  "choose mode 'new' or another run name")
+    return path
 
 
 _SESSIONS: dict[str, TrainingSession] = {}
