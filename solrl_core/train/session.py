@@ -29,7 +29,7 @@ from ..models import (
     refresh_inference_copy,
 )
 from ..models.lora import SAMPLING, TRAINED, is_full_finetune
-from ..quant import DEFAULT_SKIP, QuantConfig, quantize_model, requantize_model
+from ..quant import DEFAULT_SKIP, QuantConfig, QuantReport, quantize_model, requantize_model
 from ..runtime import distributed as dp
 from ..runtime.files import atomic_write_text
 from ..runtime.metrics import metrics_log
@@ -58,6 +58,7 @@ class InferenceCopies:
     backend: str = "none"
     backend_reason: str = ""
     quant_report: dict[str, Any] = field(default_factory=dict)
+    settings: RequantizeSettings | None = None  # what the explorer was made with
 
 
 class TrainingSession:
@@ -152,22 +153,16 @@ class TrainingSession:
 
     # --- inference copies (Requantize) --------------------------------------------------------
     def refresh_copies(self, s: RequantizeSettings, cache_dequantized: bool = True) -> InferenceCopies:
-        """Merge the sampling adapter into the full-precision and low-precision copies."""
+        """Merge the sampling adapter into the full-precision and low-precision copies. Settings changed
+        since the explorer was made (between presses) apply: it is made again, as a resumed run would."""
         start = time.perf_counter()
         if self.copies is None:
-            regen = make_inference_copy(self.policy, SAMPLING)
-            explorer, choice_name, reason, report = None, "none", "full precision only", {}
-            if s.backend != "none":
-                explorer = make_inference_copy(self.policy, SAMPLING)
-                skip = DEFAULT_SKIP + tuple(f"*{p}*" for p in self.policy.quant_skip_patterns)
-                qc = QuantConfig(skip=skip, min_dim=self.policy.quant_min_dim if s.min_dim < 0 else s.min_dim,
-                                 weight_tile=s.tile, cache_dequantized=cache_dequantized)
-                rep = quantize_model(explorer, qc, backend=s.backend)
-                choice_name, reason, report = rep.backend, rep.backend_reason, rep.to_dict()
-                if dp.is_main():
-                    atomic_write_text(self.run_dir / "quant_report.json", json.dumps(report, indent=1) + "\n")
-                log.info("explorer: %s", rep.summary())
-            self.copies = InferenceCopies(regen, explorer, choice_name, reason, report)
+            self.copies = InferenceCopies(make_inference_copy(self.policy, SAMPLING))
+            self._make_explorer(s, cache_dequantized)
+        elif s != self.copies.settings:
+            if self.copies_iteration != self.iteration:
+                refresh_inference_copy(self.copies.regenerator, self.policy, SAMPLING)
+            self._make_explorer(s, cache_dequantized)
         elif self.copies_iteration != self.iteration:
             regen, explorer = self.copies.regenerator, self.copies.explorer
             if explorer is not None and is_full_finetune(self.policy.transformer):
@@ -179,6 +174,23 @@ class TrainingSession:
         self.pending["time_requantize"] = time.perf_counter() - start
         self.pending["quant_backend"] = self.copies.backend
         return self.copies
+
+    def _make_explorer(self, s: RequantizeSettings, cache_dequantized: bool) -> None:
+        """A low-precision copy of the sampling policy made from scratch (none for backend 'none')."""
+        copies = self.copies
+        copies.explorer, copies.settings = None, s  # the old explorer is freed before the new one is made
+        report = QuantReport("none", "full precision only")
+        if s.backend != "none":
+            copies.explorer = make_inference_copy(self.policy, SAMPLING)
+            skip = DEFAULT_SKIP + tuple(f"*{p}*" for p in self.policy.quant_skip_patterns)
+            qc = QuantConfig(skip=skip, min_dim=self.policy.quant_min_dim if s.min_dim < 0 else s.min_dim,
+                             weight_tile=s.tile, cache_dequantized=cache_dequantized)
+            report = quantize_model(copies.explorer, qc, backend=s.backend)
+            log.info("explorer: %s", report.summary())
+        copies.backend, copies.backend_reason, copies.quant_report = (report.backend, report.backend_reason,
+                                                                      report.to_dict())
+        if dp.is_main():
+            atomic_write_text(self.run_dir / "quant_report.json", json.dumps(copies.quant_report, indent=1) + "\n")
 
     def inference_model(self, precision: str) -> nn.Module:
         if self.copies is None or self.copies_iteration != self.iteration:
