@@ -24,6 +24,7 @@ from .ops.registry import all_ops
 from .runtime import distributed as dp
 from .runtime.context import Interrupted, RunContext, use_context
 from .runtime.files import check_writable
+from .runtime.metrics import metrics_log
 
 log = logging.getLogger("solrl")
 
@@ -209,6 +210,7 @@ def _execute(graph: ApiGraph, args: argparse.Namespace, run_dir: Path, argv: lis
             raise
     finally:
         signal.signal(signal.SIGINT, previous)
+        metrics_log(run_dir).close()  # TensorBoard / W&B sinks finish their files
         ctx.close()
         log.removeHandler(handler)
         handler.close()
