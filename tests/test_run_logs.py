@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import struct
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from model_factories import build_sana, save_pipeline
+from PIL import Image
 from test_train_loop import SMALL
 
 from solrl_core.bundled import training_graph
@@ -35,32 +38,43 @@ def _workflow(folder, model, iterations, log_to=None):
 
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory, model):
-    """2 iterations with log_to tensorboard (+ wandb when installed); what the run handed wandb is recorded."""
+    """2 iterations with log_to tensorboard (+ wandb when installed)."""
     tmp = tmp_path_factory.mktemp("logs")
-    calls = []
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("WANDB_MODE", raising=False)  # the default: offline
-        if HAVE_WANDB:
-            from wandb.sdk.wandb_run import Run
-
-            log = Run.log
-
-            def recording_log(self, data, *args, **kwargs):
-                calls.append(dict(data))
-                return log(self, data, *args, **kwargs)
-
-            mp.setattr(Run, "log", recording_log)
         wf = _workflow(tmp, model, 2, "tensorboard+wandb" if HAVE_WANDB else "tensorboard")
         assert main([str(wf), "--run-dir", str(tmp / "run")]) == 0
     rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
-    return tmp / "run", rows, calls
+    return tmp / "run", rows
+
+
+def wandb_history(path):
+    """The history rows a run's .wandb file stores, read as `wandb sync` does: a ':W&B' header (7
+    bytes), then a leveldb-style log (32 KiB blocks; 7-byte chunk headers: crc, length, kind) of
+    protobuf Records."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, pos, block, record, rows = path.read_bytes(), 7, 32768, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        record = chunk if kind in (1, 2) else record + chunk  # 1 full, 2 first, 3 middle, 4 last
+        if kind in (1, 4):
+            parsed = Record.FromString(record)
+            if parsed.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in parsed.history.item})
+    return rows
 
 
 @needs_tensorboard
 def test_tensorboard_event_files_hold_every_row_and_the_previews(logged_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir, rows, _ = logged_run
+    run_dir, rows = logged_run
     events = EventAccumulator(str(run_dir / "tensorboard"),
                               size_guidance={"scalars": 0, "images": 0, "tensors": 0}).Reload()
     for key in ("reward_mean", "draft_reward_mean", "loss", "grad_norm"):
@@ -75,16 +89,20 @@ def test_tensorboard_event_files_hold_every_row_and_the_previews(logged_run):
 
 @pytest.mark.skipif(not HAVE_WANDB, reason="wandb is not installed")
 def test_wandb_offline_run_holds_every_row_and_the_previews(logged_run):
-    run_dir, rows, calls = logged_run
+    run_dir, rows = logged_run
     (offline,) = (run_dir / "wandb").glob("offline-run-*")  # offline by default, inside the run directory
+    (stored,) = offline.glob("run-*.wandb")
+    history = wandb_history(stored)
     numbers = [{k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
                for r in rows if "iteration" in r]
-    assert [c for c in calls if "reward_mean" in c] == [pytest.approx(n, rel=1e-6) for n in numbers]
-    previews = [c for c in calls if "previews" in c]
-    assert [c["iteration"] for c in previews] == [0, 1]
-    assert len(list((offline / "files" / "media" / "images").glob("previews_*.png"))) == 2
-    data = next(offline.glob("run-*.wandb")).read_bytes()  # wandb's own record of the run
-    assert all(key.encode() in data for key in ("reward_mean", "draft_reward_mean", "grad_norm", "iteration"))
+    assert [{k: v for k, v in h.items() if not k.startswith("_")} for h in history if "reward_mean" in h] == \
+        [pytest.approx(n, rel=1e-6) for n in numbers]
+    previews = [h for h in history if "previews/path" in h]
+    assert [h["iteration"] for h in previews] == [0, 1]
+    for step, h in enumerate(previews):  # the very grids the run saved under previews/
+        with Image.open(offline / "files" / h["previews/path"]) as logged, \
+                Image.open(run_dir / "previews" / f"iter-{step:06d}.png") as saved:
+            assert np.array_equal(np.asarray(logged.convert("RGB")), np.asarray(saved.convert("RGB")))
 
 
 def test_run_logs_are_off_by_default(tmp_path, model):
