@@ -1,4 +1,5 @@
-"""The embedded tiny text-to-image flow model (see README.md in this folder)."""
+"""Training and evaluation of the embedded tiny text-to-image flow model (see README.md in this folder;
+the package ships only the weights, solrl_core/models/tiny/weights)."""
 from .config import (
            PRESETS,
            TinyModelConfig,
