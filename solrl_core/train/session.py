@@ -29,7 +29,7 @@ from ..models import (
     refresh_inference_copy,
 )
 from ..models.lora import SAMPLING, TRAINED, is_full_finetune
-from ..quant import DEFAULT_SKIP, QuantConfig, QuantReport, quantize_model, requantize_model
+from ..quant import QuantConfig, QuantReport, quantize_model, requantize_model
 from ..runtime import distributed as dp
 from ..runtime.files import atomic_write_text
 from ..runtime.metrics import metrics_log
@@ -182,9 +182,8 @@ class TrainingSession:
         report = QuantReport("none", "full precision only")
         if s.backend != "none":
             copies.explorer = make_inference_copy(self.policy, SAMPLING)
-            skip = DEFAULT_SKIP + tuple(f"*{p}*" for p in self.policy.quant_skip_patterns)
-            qc = QuantConfig(skip=skip, min_dim=self.policy.quant_min_dim if s.min_dim < 0 else s.min_dim,
-                             weight_tile=s.tile, cache_dequantized=cache_dequantized)
+            qc = QuantConfig.for_family(self.policy.family, None if s.min_dim < 0 else s.min_dim,
+                                        weight_tile=s.tile, cache_dequantized=cache_dequantized)
             report = quantize_model(copies.explorer, qc, backend=s.backend)
             log.info("explorer: %s", report.summary())
         copies.backend, copies.backend_reason, copies.quant_report = (report.backend, report.backend_reason,
