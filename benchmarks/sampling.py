@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from solrl_core.models import load_policy  # noqa: E402
 from solrl_core.models.loading import EMBEDDED_DIR  # noqa: E402
-from solrl_core.models.tiny.evaluate import eval_prompts  # noqa: E402
 from solrl_core.sampling import sample  # noqa: E402
+from tools.tiny_model.evaluate import eval_prompts  # noqa: E402
 
 STEP_COUNTS = (6, 10)
 

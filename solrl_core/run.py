@@ -24,6 +24,7 @@ from .ops.registry import all_ops
 from .runtime import distributed as dp
 from .runtime.context import Interrupted, RunContext, use_context
 from .runtime.files import check_writable
+from .runtime.metrics import metrics_log
 
 log = logging.getLogger("solrl")
 
@@ -164,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             from .plan.workflow import run_plan
 
             return run_plan(api, args.workflow, args.gpu_memory, args.json, args.world_size)
-        graph = validate(api, args.workflow)
+        run_dir = args.run_dir or default_run_dir(args.workflow)
+        with use_context(RunContext(run_dir=run_dir)):  # checks of the run's state see the real folder
+            graph = validate(api, args.workflow)
         if args.to_api or args.to_ui:
             for out, data in ((args.to_api, graph), (args.to_ui, api_to_ui(graph) if args.to_ui else None)):
                 if out:
@@ -173,7 +176,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.validate_only:
             print(f"{args.workflow}: ok ({len(graph)} nodes)")
             return 0
-        run_dir = args.run_dir or default_run_dir(args.workflow)
         check_writable(run_dir)
     except (WorkflowError, PermissionError, OSError, ValueError) as e:
         if args.debug:
@@ -221,6 +223,7 @@ def _execute(graph: ApiGraph, args: argparse.Namespace, run_dir: Path, argv: lis
             raise
     finally:
         signal.signal(signal.SIGINT, previous)
+        metrics_log(run_dir).close()  # TensorBoard / W&B sinks finish their files
         ctx.close()
         log.removeHandler(handler)
         handler.close()

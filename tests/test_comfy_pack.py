@@ -82,6 +82,22 @@ def test_generated_classes_check_settings_and_widget_values(pack):
     assert run.VALIDATE_INPUTS(mode="restart", seed=0) == "mode: 'restart' is not one of ['continue', 'new']"
 
 
+def test_training_run_refuses_a_run_it_cannot_resume_in_comfyui(pack, tmp_path, monkeypatch):
+    """ComfyUI validates Training Run against its run folder as the engine does: a broken 'latest' is
+    refused before anything runs (nothing deleted), and mode 'new' is the way out."""
+    monkeypatch.chdir(tmp_path)  # outside ComfyUI runs go under ./runs
+    latest = tmp_path / "runs" / "mine" / "checkpoints" / "latest"
+    latest.parent.mkdir(parents=True)
+    latest.write_text("iter-000003\n")
+    run = pack.NODE_CLASS_MAPPINGS["SolRLTrainingRun"]
+    inputs = dict(policy=None, prompts=None, run_name="mine", seed=0, total_iterations=10, lora_rank=4,
+                  lora_alpha=4.0, full_finetune=False)
+    refused = run.VALIDATE_INPUTS(mode="continue", **inputs)
+    assert refused.startswith("mode: ") and "names the checkpoint 'iter-000003', which does not exist" in refused
+    assert run.VALIDATE_INPUTS(mode="new", **inputs) is True
+    assert latest.read_text() == "iter-000003\n" and [p.name for p in latest.parent.iterdir()] == ["latest"]
+
+
 def test_always_run_nodes_are_never_cached(pack):
     cls = pack.NODE_CLASS_MAPPINGS["SolRLLogMetric"]
     v = cls.IS_CHANGED()

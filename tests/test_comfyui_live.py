@@ -200,7 +200,7 @@ def test_headless_preview_and_plot_outputs_are_valid_images(tmp_path):
         assert png.format == "PNG" and png.mode in ("RGB", "RGBA")
         pixels = torch.from_numpy(np.asarray(png.convert("RGB"), dtype=np.float32) / 255.0)
         assert torch.equal(image[0], pixels), kind
-        assert str(files[kind]) in result.ui[ids["SolRLPreview" if kind == "preview" else "SolRLPlotMetrics"]][0]["text"]
+        assert str(files[kind]) in result.ui[ids["SolRLPreview" if kind == "preview" else "SolRLPlotMetrics"]]["text"]
     assert preview.shape[2] == 8 * 4 * SMALL.keep  # K samples of 8x8 pixels, scale 4
     assert preview.shape[1] > 8 * 4 * SMALL.prompts_per_iteration
     assert min(plot.shape[1:3]) >= 200 and plot.std().item() > 0.01  # a drawn plot, not a blank canvas

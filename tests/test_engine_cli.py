@@ -46,15 +46,18 @@ def test_set_overrides_by_id_and_title(tmp_path):
     assert rows[-1]["value"] == 10.0
 
 
-def test_set_errors(tmp_path, capsys):
+def test_set_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default run directory (runs/<name>-<time>) would go
     wf = _write(tmp_path, sum_loop(3))
-    assert main([str(wf), "--set", "Nobody.b=2", "--validate-only"]) == 2
+    assert main([str(wf), "--set", "Nobody.b=2"]) == 2
     assert "no node has id or title 'Nobody'" in capsys.readouterr().err
-    assert main([str(wf), "--set", "Adder.b=lots", "--validate-only"]) == 2
+    assert main([str(wf), "--set", "Adder.b=lots"]) == 2
     assert "node 3 'Adder' (SolRLMath): input 'b': expected a number" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["wf.json"]  # nothing written
 
 
-def test_conversion_and_validate_only(tmp_path, capsys):
+def test_conversion_and_validate_only(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     wf = _write(tmp_path, sum_loop(3))
     assert main([str(wf), "--to-ui", str(tmp_path / "ui.json")]) == 0
     ui = json.loads((tmp_path / "ui.json").read_text())
@@ -63,7 +66,10 @@ def test_conversion_and_validate_only(tmp_path, capsys):
     assert detect_format(json.loads((tmp_path / "api.json").read_text())) == "api"
     assert main([str(tmp_path / "ui.json"), "--validate-only"]) == 0
     assert "ok (6 nodes)" in capsys.readouterr().out
-    assert not (tmp_path / "runs").exists()
+    assert main([str(wf), "--run-dir", "given", "--validate-only"]) == 0
+    # Only the files asked for: no run directory, neither the default one (runs/ in the working folder)
+    # nor the one given.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["api.json", "ui.json", "wf.json"]
 
 
 def test_list_nodes(capsys):

@@ -28,8 +28,8 @@ def test_missing_embedded_model_is_a_one_line_error(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not (loading.EMBEDDED_DIR / "model_index.json").is_file(), reason="tiny model not built yet")
 def test_shipped_tiny_model_through_the_adapter_matches_its_training_conventions():
-    from solrl_core.models.tiny import TinyModel
-    from solrl_core.models.tiny import sample as tiny_sample
+    from tools.tiny_model.flow import TinyModel
+    from tools.tiny_model.flow import sample as tiny_sample
 
     policy = load_policy("embedded")
     assert policy.latent_shape() == (3, 32, 32) and policy.resolution == (32, 32)

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from statistics import mean
 
+import pytest
 import torch
 
 from solrl_core.bundled import QUICKSTART, training_graph
@@ -16,6 +17,7 @@ from solrl_core.run import main
 SHORT = replace(QUICKSTART, iterations=15, eval_every=14)
 
 
+@pytest.mark.slow  # 15 training iterations with held-out evaluations: minutes on 2 cores
 def test_quickstart_variant_raises_the_reward(tmp_path):
     wf = tmp_path / "quickstart_short.json"
     wf.write_text(json.dumps(training_graph(SHORT)))

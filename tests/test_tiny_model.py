@@ -8,11 +8,13 @@ import torch
 
 from solrl_core.models import load_policy
 from solrl_core.models.loading import EMBEDDED_DIR
-from solrl_core.models.tiny import TinyModel, build_tokenizer
-from solrl_core.models.tiny.evaluate import evaluate, weights_size_bytes
-from solrl_core.models.tiny.train import TrainConfig, train
 from solrl_core.sampling import sample
 from solrl_core.scenes import KINDS, all_specs, caption
+from tools.tiny_model.config import build_tokenizer
+from tools.tiny_model.evaluate import evaluate, weights_size_bytes
+from tools.tiny_model.flow import TinyModel
+from tools.tiny_model.flow import sample as tiny_sample
+from tools.tiny_model.train import TrainConfig, train
 
 MAX_WEIGHT_BYTES = 20 * 1024 * 1024
 
@@ -64,8 +66,6 @@ def test_sampling_is_deterministic_per_seed(policy):
 
 def test_reference_sampler_matches_in_range(policy):
     model = TinyModel.from_pretrained(EMBEDDED_DIR)
-    from solrl_core.models.tiny import sample as tiny_sample
-
     x = tiny_sample(model, ["a yellow square"] * 4, [0, 1, 2, 3], steps=10)
     assert x.shape == (4, 3, 32, 32)
     assert (x.abs() < 1.2).float().mean().item() > 0.99  # lands on images in [-1, 1]

@@ -50,43 +50,79 @@ def _iteration_rows(run_dir):
     return [r for r in _rows(run_dir) if "iteration" in r]
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, model_dir):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, model_dir):
+    """A 4-iteration run without interruption; its workflow writes a Log Metric row at each press,
+    before the run opens (node ids run in order; "0" first)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
     graph = training_graph(replace(SMALL, model=model_dir, iterations=4))
-    # A Log Metric row written by each press, before the run opens (node ids run in order; "0" first).
     graph["0"] = {"class_type": "SolRLLogMetric", "inputs": {"name": "marker", "value": 7.0}}
-    wf = tmp_path / "wf.json"
+    wf = tmp / "wf.json"
     wf.write_text(json.dumps(graph))
-    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
-    assert main([str(wf), "--run-dir", str(full_dir)]) == 0
+    assert main([str(wf), "--run-dir", str(tmp / "full")]) == 0
+    return wf, tmp / "full"
 
+
+def _start_and_signal(wf, run_dir, sig, after_rows):
+    """Run the workflow in a subprocess, send `sig` once `after_rows` iteration rows are written."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "solrl_core.run", str(wf), "--run-dir", str(killed_dir),
-                             "--threads", str(torch.get_num_threads())], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "solrl_core.run", str(wf), "--run-dir", str(run_dir),
+                             "--threads", str(torch.get_num_threads())], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        metrics = killed_dir / "metrics.jsonl"
-        if metrics.exists() and metrics.read_text().count('"iteration"') >= 2:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count('"iteration"') >= after_rows:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def _assert_resumed_equals(run_dir, full_dir):
+    full_rows, resumed_rows = _iteration_rows(full_dir), _iteration_rows(run_dir)
+    assert [r["iteration"] for r in resumed_rows] == [0, 1, 2, 3]
+    assert [_no_time(r) for r in resumed_rows] == [_no_time(r) for r in full_rows]
+    (w_full, o_full), (w_res, o_res) = _state(full_dir), _state(run_dir)
+    assert w_full.keys() == w_res.keys() and o_full.keys() == o_res.keys()
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    assert all(torch.equal(o_full[k], o_res[k]) for k in o_full)
+    assert any(k.startswith("ema.") for k in w_full) and any(k.startswith("old.") for k in w_full)
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, uninterrupted):
+    wf, full_dir = uninterrupted
+    killed_dir = tmp_path / "killed"
+    _start_and_signal(wf, killed_dir, signal.SIGKILL, after_rows=2)
     done_before = len(_iteration_rows(killed_dir))
     assert 2 <= done_before < 4, "the kill should land mid-run"
     assert [r["metric"] for r in _rows(killed_dir) if "metric" in r] == ["marker"]
 
     assert main([str(wf), "--run-dir", str(killed_dir)]) == 0
-    full_rows, resumed_rows = _iteration_rows(full_dir), _iteration_rows(killed_dir)
-    assert [r["iteration"] for r in resumed_rows] == [0, 1, 2, 3]
-    assert [_no_time(r) for r in resumed_rows] == [_no_time(r) for r in full_rows]
+    _assert_resumed_equals(killed_dir, full_dir)
     # The Log Metric rows of both presses survive the kill and the resume (the run used to rewrite
     # metrics.jsonl from its own rows on resume, dropping them).
     assert [r for r in _rows(killed_dir) if "metric" in r] == [{"metric": "marker", "value": 7.0}] * 2
     assert [r for r in _rows(full_dir) if "metric" in r] == [{"metric": "marker", "value": 7.0}]
-    (w_full, o_full), (w_res, o_res) = _state(full_dir), _state(killed_dir)
-    assert w_full.keys() == w_res.keys() and o_full.keys() == o_res.keys()
-    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
-    assert all(torch.equal(o_full[k], o_res[k]) for k in o_full)
-    assert any(k.startswith("ema.") for k in w_full) and any(k.startswith("old.") for k in w_full)
+
+
+def test_ctrl_c_stops_at_a_safe_point_and_resumes_identically(tmp_path, uninterrupted):
+    """SIGINT to a headless run: it finishes no further iteration than the one in progress allows, exits
+    130 with how to resume, leaves the run directory consistent (every written row is checkpointed,
+    no half-written checkpoint), and the resumed run equals the uninterrupted one."""
+    wf, full_dir = uninterrupted
+    run_dir = tmp_path / "stopped"
+    code, err = _start_and_signal(wf, run_dir, signal.SIGINT, after_rows=1)
+    assert code == 130, err
+    assert f"interrupted: resume with --run-dir {run_dir}" in err and "Traceback" not in err
+    rows = _iteration_rows(run_dir)
+    assert 1 <= len(rows) < 4, "Ctrl-C should stop the run before its end"
+    saved = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert saved == f"iter-{len(rows):06d}"  # the iteration in progress was dropped, the others saved
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")] == []
+    assert main([str(wf), "--run-dir", str(run_dir)]) == 0
+    _assert_resumed_equals(run_dir, full_dir)
 
 
 def test_loop_logs_metrics_previews_plot_and_lora(tmp_path, model_dir):

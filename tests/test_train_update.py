@@ -2,12 +2,15 @@
 they are after a few iterations), so that a blend or a copy taken from the wrong adapter shows."""
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 from model_factories import build_sana, save_pipeline
 
 from solrl_core.models import adapter_state, adapters_disabled, load_adapter_state, load_policy, use_adapter
-from solrl_core.models.lora import SAMPLING, TRAINED
+from solrl_core.models.lora import SAMPLING, TRAINED, trainable_parameters
 from solrl_core.sampling import sample
 from solrl_core.train.samples import SampleBatch
 from solrl_core.train.session import TrainingSession
@@ -111,3 +114,59 @@ def test_zero_learning_rate_moves_only_the_sampling_blend_and_copies_follow_it(f
         torch.testing.assert_close(old[k], 0.25 * b[k] + 0.75 * a[k], rtol=1e-6, atol=1e-7)
         # EMA: 0.9 C + 0.1 A, then 0.9 (0.9 C + 0.1 A) + 0.1 A = 0.81 C + 0.19 A.
         torch.testing.assert_close(session.ema[k], 0.81 * c[k] + 0.19 * a[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("nan_samples, skipped, stepped", [
+    ([0], 3, 1),  # sample 0 poisons its micro-batch (samples 0, 1) at each of the 3 timesteps
+    ([0, 1, 2, 3], 6, 0),  # every (micro-batch, timestep) pair: nothing to step on
+])
+def test_non_finite_losses_are_counted_and_never_stepped(folder, tmp_path, nan_samples, skipped, stepped):
+    """A sample whose latents are not finite (its reward is) gives a NaN loss: those pairs are counted,
+    never back-propagated; the step is taken on the rest, or not at all."""
+    session, a, _, _ = _distinct_session(folder, tmp_path / "run")
+    batch = _batch(session)
+    batch.latents.view(4, -1)[nan_samples] = float("nan")
+    # 4 samples in micro-batches of 2; 3 rollout steps, all trained: 2 x 3 = 6 pairs.
+    stats = update(batch, UpdateSettings(lr=1e-2, kl_coef=0.0, micro_batch=2, train_fraction=1.0))
+    assert (stats["skipped_nonfinite"], stats["stepped"], stats["dropped"]) == (skipped, stepped, 0)
+    trained = adapter_state(session.policy.transformer, TRAINED)
+    state = session.optimizer.state
+    if stepped:
+        assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
+        assert all(torch.isfinite(v).all() for v in trained.values())
+        assert any(not torch.equal(trained[k], a[k]) for k in a)
+        assert len(state) == len(a) and all(s["step"] == 1 for s in state.values())
+    else:  # not even weight decay: the trained adapter and the optimizer are untouched
+        assert math.isnan(stats["loss"])
+        assert all(torch.equal(trained[k], a[k]) for k in a) and len(state) == 0
+
+
+def test_a_new_learning_rate_applies_and_the_optimizer_state_is_kept(folder, tmp_path):
+    """Press 1 trains at lr 1e-2; press 2 at 2.5e-3, in the live session (ComfyUI keeps it) and in one
+    resumed from the checkpoint (headless): AdamW's second step uses the new lr and the first step's
+    moments, checked against AdamW's update written out by hand."""
+    first = UpdateSettings(lr=1e-2, kl_coef=0.0, micro_batch=4, weight_decay=0.1)
+    second = replace(first, lr=2.5e-3)
+    b1, b2, eps, lr, wd = first.adam_beta1, first.adam_beta2, first.adam_eps, second.lr, second.weight_decay
+    session, _, _, _ = _distinct_session(folder, tmp_path / "run", total_iterations=10)
+    session.commit(update(_batch(session), first))
+    params = trainable_parameters(session.policy.transformer, TRAINED)
+    after_first = [(p.detach().double(), session.optimizer.state[p]["exp_avg"].double(),
+                    session.optimizer.state[p]["exp_avg_sq"].double()) for p in params]
+    resumed = TrainingSession(tmp_path / "run", load_policy(str(folder)), PROMPTS, session.config)
+    finals = []
+    for live in (session, resumed):
+        assert live.iteration == 1
+        update(_batch(live), second)
+        assert [g["lr"] for g in live.optimizer.param_groups] == [lr]
+        live_params = trainable_parameters(live.policy.transformer, TRAINED)
+        for (w1, m1, v1), p in zip(after_first, live_params):
+            state = live.optimizer.state[p]
+            assert state["step"] == 2  # the moments of step 1 were kept, not a fresh optimizer
+            m2, v2 = state["exp_avg"].double(), state["exp_avg_sq"].double()
+            g = (m2 - b1 * m1) / (1 - b1)  # m2 = b1 m1 + (1 - b1) g, so v2 = b2 v1 + (1 - b2) g^2
+            torch.testing.assert_close(v2, b2 * v1 + (1 - b2) * g * g, rtol=1e-3, atol=1e-12)
+            expected = w1 * (1 - lr * wd) - lr * (m2 / (1 - b1**2)) / ((v2 / (1 - b2**2)).sqrt() + eps)
+            torch.testing.assert_close(p.detach().double(), expected, rtol=1e-6, atol=1e-7)
+        finals.append([p.detach().clone() for p in live_params])
+    assert all(torch.equal(x, y) for x, y in zip(*finals))  # resuming equals keeping the session

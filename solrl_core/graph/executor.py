@@ -3,7 +3,9 @@
 Unlike ComfyUI (which caches every node output of a prompt, so long loops grow in memory), each
 output here is dropped as soon as nothing can consume it any more. A node that may expand
 (Loop End) holds a reference on all its ancestors until it has run, because the clone it
-returns will consume them again.
+returns will consume them again. An expanded node whose result is only the output of a clone
+that expands in turn (each Loop End waiting on the next iteration's) waits directly on the newer
+clone's result, so a loop of any length keeps one waiting node, not one per iteration.
 """
 from __future__ import annotations
 
@@ -48,6 +50,9 @@ class DynamicGraph:
     def get_display_node_id(self, node_id: str) -> str:
         return self._display.get(node_id, node_id)
 
+    def is_expansion(self, node_id: str) -> bool:
+        return node_id not in self._original
+
     def forget(self, node_id: str) -> bool:
         """Drop a finished expansion node's definition (keeps memory flat over long loops)."""
         if node_id in self._original:
@@ -65,8 +70,8 @@ class DynamicGraph:
 
 @dataclass
 class ExecutionResult:
-    # Per display id (the workflow's node id), the "ui" dicts the node returned, in order.
-    ui: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
+    # Per display id (the workflow's node id), the "ui" dict of its last run that returned one.
+    ui: dict[str, dict] = field(default_factory=dict)
     # Per display id of an output node, the outputs of its last run.
     outputs: dict[str, tuple] = field(default_factory=dict)
     nodes_run: int = 0
@@ -81,6 +86,7 @@ class Executor:
         self.outputs: dict[str, tuple] = {}
         self.remaining: dict[str, int] = defaultdict(int)
         self.waiting: dict[str, list] = {}  # expanded node -> its result (links into the expansion)
+        self.tail_of: dict[str, str] = {}  # node -> the expanded node whose result is only its outputs
         self.pins: dict[str, list[str]] = {}  # expanding node -> ancestors it holds
         self.done: set[str] = set()
         self.result = ExecutionResult()
@@ -132,6 +138,30 @@ class Executor:
             self.result.outputs[self.graph.get_display_node_id(nid)] = values
         if self.remaining.get(nid, 0) <= 0:  # nobody consumes it
             self._free(nid)
+
+    def _wait(self, nid: str, result: list) -> None:
+        """`nid` finishes when the nodes its result links to have run."""
+        targets = {v[0] for v in result if is_link(v)}
+        for v in result:
+            if is_link(v):
+                self.remaining[v[0]] += 1
+        self.waiting[nid] = result
+        if len(targets) == 1:
+            self.tail_of[targets.pop()] = nid
+
+    def _wait_for_expansion(self, nid: str, result: list) -> None:
+        """`nid` expanded and returned `result` (links into its expansion). When the only consumer of
+        `nid` is an expanded node waiting on it (the previous iteration's Loop End), that node waits
+        on `result` itself and `nid` is dropped: a chain of expansions keeps one waiting node."""
+        waiter = self.tail_of.pop(nid, None)
+        if (waiter is not None and self.graph.is_expansion(nid)
+                and self.remaining[nid] == sum(is_link(v) for v in self.waiting[waiter])):
+            forwarded = [result[v[1]] if is_link(v) else v for v in self.waiting.pop(waiter)]
+            self.remaining.pop(nid, None)
+            self.graph.forget(nid)
+            self._wait(waiter, forwarded)
+        else:
+            self._wait(nid, result)
 
     # --- running ------------------------------------------------------------------------
     def run(self) -> ExecutionResult:
@@ -204,7 +234,7 @@ class Executor:
         new_targets: list[str] = []
         if isinstance(ret, dict):
             if ret.get("ui"):
-                self.result.ui[display].append(ret["ui"])
+                self.result.ui[display] = ret["ui"]
             expansion = ret.get("expand")
             values = tuple(ret.get("result") or ())
         else:
@@ -213,10 +243,7 @@ class Executor:
             for new_id, info in expansion.items():
                 self.graph.add_ephemeral_node(new_id, info, nid, info.get("override_display_id", display))
             self._plan(list(expansion))
-            for v in values:
-                if is_link(v):
-                    self.remaining[v[0]] += 1
-            self.waiting[nid] = list(values)
+            self._wait_for_expansion(nid, list(values))
             new_targets = [n for n in expansion if self._spec(n).output_node]
         elif len(values) != len(spec.outputs):
             raise NodeError(f"node {display} {title!r} ({spec.id}): returned {len(values)} values, "

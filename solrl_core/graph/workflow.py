@@ -33,6 +33,20 @@ def _reject_constant(token: str) -> float:
     raise ValueError(f"{token} is not a valid JSON number")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON objects keep the last of two equal keys; a workflow that has them is refused instead."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def read_json(path: str | Path) -> Any:
     """Parse a workflow file; every failure is a one-line WorkflowError naming the file."""
     path = Path(path)
@@ -46,7 +60,10 @@ def read_json(path: str | Path) -> Any:
     if not text.strip():
         raise WorkflowError("the file is empty; expected a workflow in ComfyUI API or UI format", source=label)
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise WorkflowError(f"the key {e.args[0]!r} appears twice in one object (a node id or an input "
+                            "given twice); keep one", source=label) from None
     except json.JSONDecodeError as e:
         raise WorkflowError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", source=label) from None
     except ValueError as e:  # NaN / Infinity literals
@@ -116,7 +133,12 @@ def ui_to_api(ui: dict, source: str = "workflow") -> ApiGraph:
     for node in nodes:
         if not isinstance(node, dict) or "id" not in node or not isinstance(node.get("type"), str):
             raise WorkflowError("every entry of 'nodes' needs an 'id' and a 'type'", source=source)
-        by_id[str(node["id"])] = node
+        nid = str(node["id"])
+        if nid in by_id:
+            both = " and ".join(n["type"] + (f" {n['title']!r}" if n.get("title") else "") for n in (by_id[nid], node))
+            raise WorkflowError(f"two nodes have this id ({both}); node ids must be unique", source=source,
+                                node_id=nid)
+        by_id[nid] = node
     links: dict[int, tuple[str, int]] = {}
     for link in ui.get("links") or []:
         if isinstance(link, dict):  # newer frontends may store links as objects

@@ -71,7 +71,7 @@ def resolve_source(source: str, base: str | None = None, cache_dir: str | None =
     transformer_file: Path | None = None
     if source == "embedded":
         root = _require_pipeline_dir(EMBEDDED_DIR, "the embedded tiny model",
-                                     "build it with the tiny-model training script (solrl_core/models/tiny)")
+                                     "train it with `python -m tools.tiny_model.train` in a source checkout")
     elif Path(source).is_file() or Path(source).suffix in SINGLE_FILE_SUFFIXES:
         transformer_file = Path(source)
         if not transformer_file.is_file():

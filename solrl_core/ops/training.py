@@ -2,18 +2,17 @@
 BF16 Regenerator and NFT Update. Thin: the work is in solrl_core.train."""
 from __future__ import annotations
 
-import importlib.util
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..runtime import distributed as dp
 from ..runtime.context import MODEL_FOLDER_KINDS, REWARD_FOLDER_KINDS, current_context
 from ..runtime.files import check_writable
 from ..runtime.metrics import metrics_log
 from ..runtime.settings import SettingError
-from ..runtime.sinks import TensorBoardSink
+from ..runtime.sinks import LOG_TO, attach_sinks, check_sinks
 from ..train.settings import (
     EvaluateSettings,
     ExploreSettings,
@@ -169,14 +168,28 @@ register(OpSpec(
 
 # --- Training Run -----------------------------------------------------------------------------
 def _check_run(inputs: dict[str, Any], linked: dict[str, dict]) -> None:
-    if inputs.get("log_to") == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        raise InputError("log_to", 'TensorBoard logging needs the tensorboard package: pip install -e ".[tensorboard]"')
-    ctx = current_context()
-    run_dir = ctx.run_dir or ctx.runs_root / inputs.get("run_name", "sol_rl")
+    from ..train.checkpoint import CheckpointError, latest_checkpoint
+    from ..train.session import resumable_checkpoint
+
     try:
-        check_writable(Path(run_dir))
+        check_sinks(inputs.get("log_to", "metrics.jsonl"))
+    except ImportError as e:
+        raise InputError("log_to", str(e)) from None
+    ctx = current_context()
+    run_dir = Path(ctx.run_dir or ctx.runs_root / inputs.get("run_name", "sol_rl"))
+    try:
+        check_writable(run_dir)
     except PermissionError as e:
         raise InputError("run_name", str(e)) from None
+    if inputs.get("mode", "continue") == "continue":  # what resuming would refuse, refused before compute
+        names = [f.name for f in fields(SessionConfig)]
+        try:
+            if all(n in inputs for n in names):
+                resumable_checkpoint(run_dir, SessionConfig(**{n: inputs[n] for n in names}))
+            else:  # some run settings are linked: their values are known only when the run opens
+                latest_checkpoint(run_dir)
+        except CheckpointError as e:
+            raise InputError("mode", str(e)) from None
 
 
 def training_run_op(policy, prompts: list[str], run_name: str, mode: str, log_to: str = "metrics.jsonl",
@@ -187,9 +200,7 @@ def training_run_op(policy, prompts: list[str], run_name: str, mode: str, log_to
     run_dir = ctx.run_dir or ctx.runs_root / run_name
     config = SessionConfig(**settings)
     session = open_session(Path(run_dir), policy, prompts, config, mode=mode)
-    log = metrics_log(run_dir)
-    if log_to == "tensorboard" and dp.is_main() and not log.has_sink(TensorBoardSink):
-        log.add_sink(TensorBoardSink(run_dir))
+    attach_sinks(metrics_log(run_dir), log_to, config=asdict(config))
     ctx.status(f"run {run_dir}: iteration {session.iteration} of {config.total_iterations}")
     return (session,)
 
@@ -207,9 +218,10 @@ register(OpSpec(
               tooltip="continue: resume from the latest checkpoint if there is one; new: start over."),
         Input.of(SessionConfig, "seed", seed=True),
         *(Input.of(SessionConfig, name) for name in ("total_iterations", "lora_rank", "lora_alpha", "full_finetune")),
-        Input("log_to", "COMBO", "metrics.jsonl", choices=("metrics.jsonl", "tensorboard"), optional=True,
-              tooltip="tensorboard: also write every metrics row and the previews as TensorBoard event files "
-                      "in the run's tensorboard/ folder (needs the tensorboard package)."),
+        Input("log_to", "COMBO", "metrics.jsonl", choices=LOG_TO, optional=True,
+              tooltip="Also write every metrics row and the previews as TensorBoard event files (tensorboard/) "
+                      "and / or an offline Weights & Biases run (wandb/) in the run's folder; each needs its "
+                      "package."),
         Input.of(SessionConfig, "offload_frozen", optional=True),
     ),
     outputs=(Output("session", SESSION),),

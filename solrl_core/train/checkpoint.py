@@ -1,7 +1,8 @@
 """Run-state checkpoints: written to a temporary folder, fsynced, renamed, then `latest` flips.
 
 A SIGKILL at any moment leaves either the previous checkpoint or the new one as `latest`, never a
-half-written one. Tensors go to safetensors; scalars and lists to JSON.
+half-written one. Tensors go to safetensors; scalars and lists to JSON. A `latest` that names a
+missing or broken checkpoint is refused, never taken for "nothing to resume".
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..runtime.files import atomic_write_text, fsync_dir
@@ -19,6 +21,11 @@ from ..runtime.files import atomic_write_text, fsync_dir
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 KEEP = 2
+STATE_KEYS = ("config", "iteration", "cursor", "metrics")
+
+
+class CheckpointError(ValueError):
+    """A run directory whose saved state cannot be resumed as it is; the message says what to do."""
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -66,16 +73,66 @@ def save_checkpoint(run_dir: Path, iteration: int, tensors: dict[str, torch.Tens
     return final
 
 
+def _saved(root: Path) -> list[str]:
+    return sorted(p.name for p in root.glob("iter-*") if p.is_dir()) if root.is_dir() else []
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / CHECKPOINTS / LATEST
+    """The checkpoint `latest` names, checked whole; None when the run has saved none yet.
+
+    Reads only. Raises CheckpointError when `latest` names a missing or broken checkpoint, or when
+    checkpoints are there but no pointer names them (only a first save killed before its pointer
+    leaves one): resuming from there would silently start the run over.
+    """
+    root = run_dir / CHECKPOINTS
+    pointer, saved = root / LATEST, _saved(root)
     if not pointer.exists():
+        if any(name != "iter-000001" for name in saved):
+            raise CheckpointError(f"{root} holds {', '.join(saved)} but no '{LATEST}' file naming the one to "
+                                  f"resume: write that name into {pointer}, or choose mode 'new' to start over")
         return None
-    path = run_dir / CHECKPOINTS / pointer.read_text(encoding="utf-8").strip()
-    return path if (path / "state.json").exists() else None
+    name = pointer.read_text(encoding="utf-8").strip()
+    problem = checkpoint_problem(root / name) if name in saved else "does not exist"
+    if problem:
+        others = [n for n in saved if n != name and not checkpoint_problem(root / n)]
+        fix = f"write {' or '.join(others)} into it" if others else "restore that checkpoint"
+        raise CheckpointError(f"{pointer} names the checkpoint {name!r}, which {problem}: {fix}, or choose mode "
+                              "'new' to start over")
+    return root / name
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json (config, iteration, cursor, metrics, optimizer settings)."""
+    try:
+        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError("has no state.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"has an unreadable state.json ({e.__class__.__name__}: {e})") from None
+    missing = [k for k in STATE_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"has a state.json without {', '.join(missing)}")
+    return meta
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None: it can). Reads the state and the tensor
+    files' headers only, so it is cheap enough to run at validation."""
+    try:
+        meta = read_state(path)
+    except CheckpointError as e:
+        return str(e)
+    for name in ("weights.safetensors", *(("optimizer.safetensors",) if "optimizer" in meta else ())):
+        try:
+            with safe_open(str(path / name), "pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            return f"has an unreadable {name} ({' '.join(str(e).split())})"
+    return None
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict[str, Any]]:
-    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    meta = read_state(path)
     tensors = load_file(path / "weights.safetensors")
     optimizer = None
     if "optimizer" in meta:

@@ -35,7 +35,10 @@ def load_prompts(source: str) -> list[str]:
         raise FileNotFoundError(f"prompt file {source!r} not found (looked at {path.resolve()} and in "
                                 f"{BUNDLED_PROMPTS}); give a "
                                 f".txt or .json file or one of the built-in sets {sorted(BUILTIN)}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {source} is not UTF-8 text (byte {e.start})") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)

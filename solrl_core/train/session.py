@@ -15,7 +15,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,18 @@ from ..models import (
     use_adapter,
 )
 from ..models.lora import SAMPLING, TRAINED, is_full_finetune, merged_weights, trained_forward
-from ..quant import QuantConfig, quantize_model, requantize_model
+from ..quant import QuantConfig, QuantReport, quantize_model, requantize_model
 from ..runtime import distributed as dp
 from ..runtime.files import atomic_write_text
 from ..runtime.metrics import metrics_log
-from .checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from .offload import Offloader
 from .optimizers import build_optimizer, kind_of, load_portable_state, portable_state, set_hyperparameters
 from .prompts import PromptCursor
@@ -58,6 +65,7 @@ class InferenceCopies:
     backend: str = "none"
     backend_reason: str = ""
     quant_report: dict[str, Any] = field(default_factory=dict)
+    settings: RequantizeSettings | None = None  # what the explorer was made with
 
 
 class TrainingSession:
@@ -81,11 +89,11 @@ class TrainingSession:
         self.offload = Offloader()
         self._prepare_model()
         self.set_offload(config.offload_frozen)
-        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        checkpoint = resumable_checkpoint(self.run_dir, config) if resume else None
         if checkpoint is not None:
             self._restore(checkpoint)
         else:
-            self._fresh()
+            self._fresh(replace_old_run=not resume)
 
     # --- set-up ---------------------------------------------------------------------------
     def _prepare_model(self) -> None:
@@ -101,13 +109,14 @@ class TrainingSession:
             raise ValueError("this policy already carries adapters of another shape; load the policy again "
                              "for a run with a different LoRA rank or fine-tuning mode")
 
-    def _fresh(self) -> None:
+    def _fresh(self, replace_old_run: bool) -> None:
         initial = self.policy.transformer._solrl_initial_adapters[1]
         for name in (TRAINED, SAMPLING):
             load_adapter_state(self.policy.transformer, name, initial)
         self.ema = {k: v.clone() for k, v in initial.items()}
         if dp.is_main():
-            shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)  # "new" replaces an old run
+            if replace_old_run:  # mode "new"; "continue" never deletes (latest_checkpoint refuses instead)
+                shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "session.json", json.dumps(asdict(self.config), indent=1) + "\n")
         metrics_log(self.run_dir).restore([])  # a new run in an old directory drops the old run's iterations
@@ -115,12 +124,6 @@ class TrainingSession:
 
     def _restore(self, path: Path) -> None:
         tensors, optimizer, meta = load_checkpoint(path)
-        saved = SessionConfig(**meta["config"]).run_identity()
-        given = self.config.run_identity()
-        if saved != given:
-            diff = {k: (saved[k], given[k]) for k in saved if saved[k] != given[k]}
-            raise ValueError(f"run directory {self.run_dir} holds a run with other settings {diff} "
-                             "(saved, given); choose mode 'new' or another run name")
         model = self.policy.transformer
         for name in (TRAINED, SAMPLING):
             load_adapter_state(model, name, _strip(tensors, name))
@@ -174,25 +177,21 @@ class TrainingSession:
     # --- inference copies (Requantize) --------------------------------------------------------
     def refresh_copies(self, s: RequantizeSettings, cache_dequantized: bool = True) -> InferenceCopies:
         """Merge the sampling adapter into the full-precision and low-precision copies (with
-        `regenerator` "adapter", the low-precision one only)."""
+        `regenerator` "adapter", the low-precision one only). Settings changed between presses apply:
+        the merged copy is made or dropped, and a changed explorer setting makes the explorer again, as a
+        resumed run would."""
         start = time.perf_counter()
         merged = s.regenerator == "merged_copy"
         if self.copies is not None and merged != (self.copies.regenerator is not None):
             # The regenerator setting changed between presses: build or drop the merged copy.
             self.copies.regenerator = make_inference_copy(self.policy, SAMPLING) if merged else None
         if self.copies is None:
-            regen = make_inference_copy(self.policy, SAMPLING) if merged else None
-            explorer, choice_name, reason, report = None, "none", "full precision only", {}
-            if s.backend != "none":
-                explorer = make_inference_copy(self.policy, SAMPLING)
-                qc = QuantConfig.for_family(self.policy.family, None if s.min_dim < 0 else s.min_dim,
-                                            weight_tile=s.tile, cache_dequantized=cache_dequantized)
-                rep = quantize_model(explorer, qc, backend=s.backend)
-                choice_name, reason, report = rep.backend, rep.backend_reason, rep.to_dict()
-                if dp.is_main():
-                    atomic_write_text(self.run_dir / "quant_report.json", json.dumps(report, indent=1) + "\n")
-                log.info("explorer: %s", rep.summary())
-            self.copies = InferenceCopies(regen, explorer, choice_name, reason, report)
+            self.copies = InferenceCopies(make_inference_copy(self.policy, SAMPLING) if merged else None)
+            self._make_explorer(s, cache_dequantized)
+        elif replace(s, regenerator=self.copies.settings.regenerator) != self.copies.settings:
+            if self.copies_iteration != self.iteration and self.copies.regenerator is not None:
+                refresh_inference_copy(self.copies.regenerator, self.policy, SAMPLING)
+            self._make_explorer(s, cache_dequantized)
         elif self.copies_iteration != self.iteration:
             regen, explorer = self.copies.regenerator, self.copies.explorer
             self.offload.fetch(explorer)  # parked after the last exploration
@@ -211,6 +210,22 @@ class TrainingSession:
         self.pending["regenerator"] = s.regenerator
         self.pending["offload_frozen"] = self.offload.enabled
         return self.copies
+
+    def _make_explorer(self, s: RequantizeSettings, cache_dequantized: bool) -> None:
+        """A low-precision copy of the sampling policy made from scratch (none for backend 'none')."""
+        copies = self.copies
+        copies.explorer, copies.settings = None, s  # the old explorer is freed before the new one is made
+        report = QuantReport("none", "full precision only")
+        if s.backend != "none":
+            copies.explorer = make_inference_copy(self.policy, SAMPLING)
+            qc = QuantConfig.for_family(self.policy.family, None if s.min_dim < 0 else s.min_dim,
+                                        weight_tile=s.tile, cache_dequantized=cache_dequantized)
+            report = quantize_model(copies.explorer, qc, backend=s.backend)
+            log.info("explorer: %s", report.summary())
+        copies.backend, copies.backend_reason, copies.quant_report = (report.backend, report.backend_reason,
+                                                                      report.to_dict())
+        if dp.is_main():
+            atomic_write_text(self.run_dir / "quant_report.json", json.dumps(copies.quant_report, indent=1) + "\n")
 
     @contextmanager
     def sampling_model(self, precision: str) -> Iterator[nn.Module]:
@@ -281,6 +296,24 @@ class TrainingSession:
 
 def _strip(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def resumable_checkpoint(run_dir: Path, config: SessionConfig) -> Path | None:
+    """The checkpoint mode 'continue' resumes from (None: the run has none yet). Reads only; raises
+    CheckpointError for a missing or broken checkpoint and for one saved with other run settings.
+    Training Run checks this at validation, before anything is computed or written."""
+    path = latest_checkpoint(run_dir)
+    if path is not None:
+        try:
+            saved = SessionConfig(**read_state(path)["config"]).run_identity()
+        except (TypeError, ValueError) as e:  # saved by another version, or edited by hand
+            raise CheckpointError(f"{path}: its run settings cannot be read ({e})") from None
+        given = config.run_identity()
+        diff = {k: (saved[k], v) for k, v in given.items() if saved[k] != v}
+        if diff:
+            raise CheckpointError(f"run directory {run_dir} holds a run with other settings {diff} (saved, given); "
+                                  "choose mode 'new' or another run name")
+    return path
 
 
 _SESSIONS: dict[str, TrainingSession] = {}

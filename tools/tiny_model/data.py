@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...scenes import DEFAULT_SIZE, render, sample_scene
+from solrl_core.scenes import DEFAULT_SIZE, render, sample_scene
 
 # Mostly single objects (the skill the model must have), enough compositions to learn their shape
 # (and, by design, too few to master them: that is the headroom RL works on).

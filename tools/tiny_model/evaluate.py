@@ -1,7 +1,7 @@
 """Evaluate the embedded tiny model with the rule-based checker, through the product path
 (load_policy + sampling.sample, Euler, no CFG), per prompt kind.
 
-    python -m solrl_core.models.tiny.evaluate [--weights DIR] [--n 64] [--steps 10]
+    python -m tools.tiny_model.evaluate [--weights DIR] [--n 64] [--steps 10]
 
 Writes benchmarks/results/tiny_model.md and a sample grid PNG next to it.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ...scenes import KINDS, all_specs, caption
-from ..loading import EMBEDDED_DIR
+from solrl_core.models.loading import EMBEDDED_DIR
+from solrl_core.scenes import KINDS, all_specs, caption
 
 RESULTS_DIR = Path("benchmarks/results")
 
@@ -48,7 +48,7 @@ def eval_prompts(kind: str, n: int, seed: int = 0) -> list[str]:
 def sample_images(policy, prompts: list[str], seeds: list[int], steps: int = 10,
                   batch_size: int = 64) -> torch.Tensor:
     """Images (B, 3, 32, 32) in [0, 1] from a loaded policy through sampling.sample (Euler, no CFG)."""
-    from ...sampling import sample
+    from solrl_core.sampling import sample
 
     with torch.no_grad():
         x0 = sample(policy, policy.transformer, policy.encode(prompts), seeds, steps, solver="euler",
@@ -58,8 +58,8 @@ def sample_images(policy, prompts: list[str], seeds: list[int], steps: int = 10,
 
 def evaluate(weights: str | Path = EMBEDDED_DIR, n: int = 64, steps: int = 10, seed: int = 0
              ) -> tuple[dict[str, KindResult], dict[str, torch.Tensor]]:
-    from ...rewards.shapes import judge
-    from .. import load_policy
+    from solrl_core.models import load_policy
+    from solrl_core.rewards.shapes import judge
 
     policy = load_policy(str(weights))
     results, images = {}, {}
@@ -100,7 +100,7 @@ def write_report(results: dict[str, KindResult], weights: Path, n: int, steps: i
     lines = [
         "# Embedded tiny model: rule-based evaluation",
         "",
-        f"`python -m solrl_core.models.tiny.evaluate --n {n} --steps {steps}`: {n} prompts per kind (fixed "
+        f"`python -m tools.tiny_model.evaluate --n {n} --steps {steps}`: {n} prompts per kind (fixed "
         f"seeds), {steps} Euler steps, no CFG, sampled through `load_policy` + `sampling.sample`, judged by "
         "`solrl_core.rewards.shapes.judge`.",
         "",

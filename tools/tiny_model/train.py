@@ -1,6 +1,6 @@
 """Train the embedded tiny model from scratch on drawn scenes (flow matching, CPU, minutes).
 
-    python -m solrl_core.models.tiny.train --out runs/tiny --threads 1
+    python -m tools.tiny_model.train --out runs/tiny --threads 1
 
 The defaults are the settings that produced the shipped weights (38 min on one core).
 
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...scenes import KINDS
+from solrl_core.scenes import KINDS
+
 from .config import (
     PRESETS,
     TinyModelConfig,

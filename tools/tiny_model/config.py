@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from diffusers import FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
 from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
 
-from ...scenes import COLORS, DEFAULT_SIZE, NUMBERS, RELATIONS, SHAPES
+from solrl_core.scenes import COLORS, DEFAULT_SIZE, NUMBERS, RELATIONS, SHAPES
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
 WORD_MARK = "\u2581"  # Gemma's normalizer turns every space into this mark

@@ -15,10 +15,11 @@ import torch
 from diffusers import SanaTransformer2DModel
 from transformers import Gemma2Model, GemmaTokenizer
 
-from ...sampling.solvers import euler
-from ..base import seeded_noise
-from ..loading import EMBEDDED_DIR
-from ..schedules import scheduler_sigmas
+from solrl_core.models.base import seeded_noise
+from solrl_core.models.loading import EMBEDDED_DIR
+from solrl_core.models.schedules import scheduler_sigmas
+from solrl_core.sampling.solvers import euler
+
 from .config import MAX_PROMPT_TOKENS, build_scheduler
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -36,7 +37,7 @@ class TinyModel:
         if not (path / "transformer" / "config.json").is_file():
             raise FileNotFoundError(
                 f"tiny model weights not found: no transformer/config.json in {path}; "
-                "train them with `python -m solrl_core.models.tiny.train --out DIR`")
+                "train them with `python -m tools.tiny_model.train --out DIR` (from a source checkout)")
         return cls(SanaTransformer2DModel.from_pretrained(path / "transformer"),
                    Gemma2Model.from_pretrained(path / "text_encoder"),
                    GemmaTokenizer.from_pretrained(path / "tokenizer"))
