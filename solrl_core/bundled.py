@@ -65,7 +65,8 @@ class Recipe:
     batch_size: int = 32
     audit_every: int = 0
     eval_every: int = 0  # held-out reward on fixed prompts and seeds (0: off)
-    eval_prompts: int = 8
+    held_out: int = 0  # prompts of the set kept out of training, scored by the held-out reward
+    eval_prompts: int = 0  # how many of the held-out prompts (0: all)
     seed: int = 0
 
 
@@ -78,7 +79,7 @@ def training_graph(r: Recipe) -> ApiGraph:
     prompts = b.add("SolRLPromptSet", source=r.prompts)
     run = b.add("SolRLTrainingRun", policy=policy.out(0), prompts=prompts.out(0), run_name=r.run_name,
                 mode="continue", seed=r.seed, total_iterations=r.iterations, lora_rank=r.lora_rank,
-                lora_alpha=r.lora_alpha, full_finetune=r.full_finetune)
+                lora_alpha=r.lora_alpha, full_finetune=r.full_finetune, held_out=r.held_out)
     loop = b.add("SolRLLoopStart", "Loop Start", iterations=r.iterations, value=run.out(0))
     quant = b.add("SolRLRequantize", trainer=loop.out("value"),
                   backend=r.backend if r.stage1 == "low" else "none", min_dim=r.min_dim, weight_tile="16x16")

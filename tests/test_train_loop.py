@@ -177,7 +177,7 @@ def test_finished_run_queued_again_trains_nothing(tmp_path, model_dir):
 def test_held_out_reward_uses_fixed_prompts_and_seeds(tmp_path, model_dir):
     run_dir = tmp_path / "run"
     wf = _workflow(tmp_path, replace(SMALL, model=model_dir, iterations=3, lr=0.0, kl_coef=0.0, eval_every=2,
-                                     eval_prompts=3))
+                                     held_out=5, eval_prompts=3))
     assert main([str(wf), "--run-dir", str(run_dir)]) == 0
     rows = _rows(run_dir)
     assert [("eval_reward_mean" in r) for r in rows] == [True, False, True]

@@ -159,16 +159,28 @@ def _check_run(inputs: dict[str, Any], linked: dict[str, dict]) -> None:
         check_writable(Path(run_dir))
     except PermissionError as e:
         raise InputError("run_name", str(e)) from None
+    source = linked.get("prompts", {})
+    if inputs.get("held_out") and source.get("class_type") == "SolRLPromptSet":
+        from ..train.prompts import load_prompts, split_prompts
+
+        try:
+            prompts = load_prompts(source.get("source", "shapes_all"))
+        except (FileNotFoundError, ValueError):
+            return  # the Prompt Set node reports its own file
+        try:
+            split_prompts(prompts, inputs["held_out"], inputs.get("seed", 0))
+        except ValueError as e:
+            raise InputError("held_out", str(e)) from None
 
 
 def training_run_op(policy, prompts: list[str], run_name: str, mode: str, seed: int, total_iterations: int,
-                    lora_rank: int, lora_alpha: float, full_finetune: bool) -> tuple:
+                    lora_rank: int, lora_alpha: float, full_finetune: bool, held_out: int = 0) -> tuple:
     from ..train.session import SessionConfig, open_session
 
     ctx = current_context()
     run_dir = ctx.run_dir or ctx.runs_root / run_name
     config = SessionConfig(seed=seed, total_iterations=total_iterations, lora_rank=lora_rank,
-                           lora_alpha=lora_alpha, full_finetune=full_finetune)
+                           lora_alpha=lora_alpha, full_finetune=full_finetune, held_out=held_out)
     session = open_session(Path(run_dir), policy, prompts, config, mode=mode)
     ctx.status(f"run {run_dir}: iteration {session.iteration} of {total_iterations}")
     return (session,)
@@ -190,6 +202,9 @@ register(OpSpec(
         Input("lora_rank", "INT", 32, min=1, max=1024),
         Input("lora_alpha", "FLOAT", 64.0, min=0.0, max=4096.0),
         Input("full_finetune", "BOOLEAN", False, tooltip="Train every weight instead of LoRA (small models)."),
+        Input("held_out", "INT", 0, min=0, max=10**6, optional=True,
+              tooltip="Prompts of the set kept out of training (a split seeded by 'seed'), scored by the "
+                      "Held-out Reward node; 0: none."),
     ),
     outputs=(Output("trainer", TRAINER),),
     function=training_run_op,
@@ -330,7 +345,8 @@ def evaluate_op(samples, reward, steps: int, prompts: int, per_prompt: int, ever
 
 register(OpSpec(
     id="SolRLEvaluate", display_name="Held-out Reward", category=CAT,
-    description="Every 'every' iterations, samples a fixed set of prompts and seeds with the full-precision "
+    description="Every 'every' iterations, samples the run's held-out prompts (never trained on: Training Run's "
+                "held_out) at fixed seeds with the full-precision "
                 "sampling policy and logs their reward (eval_reward_*): a curve free of the prompt-to-prompt "
                 "noise of training batches, and a check against reward hacking when its reward differs from "
                 "the training one. Samples pass through unchanged.",
@@ -338,7 +354,8 @@ register(OpSpec(
         Input("samples", SAMPLES),
         Input("reward", REWARD, tooltip="Often a different reward than the training one."),
         Input("steps", "INT", 10, min=1, max=1000),
-        Input("prompts", "INT", 8, min=1, max=4096, tooltip="The first prompts of the prompt set."),
+        Input("prompts", "INT", 0, min=0, max=4096,
+              tooltip="How many of the run's held-out prompts (Training Run's held_out) to score; 0: all."),
         Input("per_prompt", "INT", 4, min=1, max=1024, tooltip="Fixed seeds per prompt."),
         Input("every", "INT", 1, min=0, max=10**6, tooltip="0: off."),
     ),

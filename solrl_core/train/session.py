@@ -33,7 +33,7 @@ from ..quant import DEFAULT_SKIP, QuantConfig, quantize_model, requantize_model
 from ..runtime import distributed as dp
 from ..runtime.files import atomic_write_text
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
-from .prompts import PromptCursor
+from .prompts import PromptCursor, split_prompts
 
 log = logging.getLogger("solrl")
 
@@ -50,6 +50,7 @@ class SessionConfig:
     lora_rank: int = 32
     lora_alpha: float = 64.0
     full_finetune: bool = False
+    held_out: int = 0  # prompts of the set kept out of training, for the Held-out Reward
 
 
 @dataclass
@@ -68,7 +69,9 @@ class TrainingSession:
                  resume: bool = True):
         self.run_dir = Path(run_dir)
         self.policy = policy
-        self.prompts = prompts
+        self.prompt_set = prompts
+        # Training draws only from `prompts`; the Held-out Reward scores only `held_out_prompts`.
+        self.prompts, self.held_out_prompts = split_prompts(prompts, config.held_out, config.seed)
         self.config = config
         self.iteration = 0
         self.cursor = PromptCursor()
@@ -110,7 +113,8 @@ class TrainingSession:
         if dp.is_main():
             shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)  # "new" replaces an old run
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "session.json", json.dumps(asdict(self.config), indent=1) + "\n")
+            info = {**asdict(self.config), "held_out_prompts": self.held_out_prompts}
+            atomic_write_text(self.run_dir / "session.json", json.dumps(info, indent=1) + "\n")
             metrics = self.run_dir / METRICS_FILE
             if metrics.exists():  # a new run in an old directory starts its metrics afresh
                 atomic_write_text(metrics, "")
@@ -266,7 +270,7 @@ def open_session(run_dir: Path, policy: FlowPolicy, prompts: list[str], config: 
     key = str(Path(run_dir).resolve())
     live = _SESSIONS.get(key)
     if (mode == "continue" and live is not None and live.policy is policy and live.config == config
-            and live.prompts == prompts):
+            and live.prompt_set == prompts):
         return live
     session = TrainingSession(run_dir, policy, prompts, config, resume=(mode == "continue"))
     _SESSIONS[key] = session

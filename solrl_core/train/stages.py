@@ -152,23 +152,35 @@ def audit(session: TrainingSession, batch: SampleBatch, reward, steps: int, size
     return stats
 
 
-def evaluate(batch: SampleBatch, reward, steps: int, prompts: int = 8, per_prompt: int = 4,
+def evaluate(batch: SampleBatch, reward, steps: int, prompts: int = 0, per_prompt: int = 4,
              every: int = 1, batch_size: int = 32) -> SampleBatch:
-    """Held-out reward: the same prompts and seeds every time, through the full-precision sampling
-    policy, so its curve shows learning without the prompt-to-prompt noise of training batches."""
+    """Every `every` iterations, the held-out reward (held_out_reward) before this iteration's update."""
     session: TrainingSession = batch.session
     if not batch.prompts or every <= 0 or session.iteration % every:
         return batch
+    session.pending.update(held_out_reward(session, reward, steps, prompts, per_prompt, batch_size))
+    return batch
+
+
+def held_out_reward(session: TrainingSession, reward, steps: int, prompts: int = 0, per_prompt: int = 4,
+                    batch_size: int = 32) -> dict[str, float]:
+    """Reward of the run's held-out prompts (never trained on) at fixed seeds, through the
+    full-precision sampling policy: a curve without the prompt-to-prompt noise of training batches
+    that measures generalisation, not memorisation. `prompts`: how many of them (0: all)."""
+    held_out = session.held_out_prompts
+    if not held_out:
+        raise ValueError("the run has no held-out prompts to score: set Training Run's held_out to the "
+                         "number of prompts to keep out of training")
+    if prompts > len(held_out):
+        raise ValueError(f"prompts={prompts} is more than the run's {len(held_out)} held-out prompts (0: all)")
     start = time.perf_counter()
-    chosen = [session.prompts[i % len(session.prompts)] for i in range(prompts)]
+    chosen = held_out[:prompts or len(held_out)]
     rows = dp.local_rows(len(chosen))
     chosen = [chosen[i] for i in rows]
     seeds = torch.tensor([[10_000 + i * per_prompt + j for j in range(per_prompt)] for i in rows], dtype=torch.long)
     latents = _generate(session, "full", chosen, seeds, steps, batch_size, "evaluate")
     scored = _scored_batch(session, reward, chosen, seeds, latents, "full", steps, rows)
-    session.pending.update(_stats("eval_reward", scored.rewards))
-    session.pending["time_eval"] = time.perf_counter() - start
-    return batch
+    return {**_stats("eval_reward", scored.rewards), "time_eval": time.perf_counter() - start}
 
 
 @dataclass
