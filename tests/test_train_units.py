@@ -34,19 +34,34 @@ def test_nft_loss_finite_and_gradient_only_through_v():
     assert v_old.grad is None and v_ref.grad is None
 
 
-def test_r_prime_one_is_the_positive_branch_alone():
-    x0, eps, t, v, v_old, _ = _loss_inputs(1)
-    x_t = noised(x0, eps, t)
-    beta = 0.7
-    out = nft_loss(v, v_old, None, x_t, x0, t, torch.ones(4), beta=beta, kl_coef=0.0)
-    v_pos = beta * v + (1 - beta) * v_old
-    err = x_t - t.reshape(-1, 1, 1, 1) * v_pos - x0
-    w = err.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
-    expected = ((err ** 2 / w).mean(dim=(1, 2, 3)) / beta * 5).mean()
-    torch.testing.assert_close(out.loss, expected)
-    # r' = 0 is the negative branch: a different number.
-    neg = nft_loss(v, v_old, None, x_t, x0, t, torch.zeros(4), beta=beta, kl_coef=0.0)
-    assert not torch.allclose(neg.loss, out.loss)
+def test_nft_loss_and_gradient_hand_computed():
+    """Spec section 2 worked by hand on two 2-element samples (same data, r' = 0 and 0.25)."""
+    x0 = torch.tensor([[1.0, -1.0]] * 2)
+    x_t = torch.tensor([[2.0, 0.0]] * 2)
+    t = torch.tensor([0.5, 0.5])
+    v = torch.tensor([[2.0, 2.0]] * 2, requires_grad=True)
+    v_old = torch.tensor([[0.0, 4.0]] * 2)
+    v_ref = torch.tensor([[2.0, 0.0]] * 2)
+    # beta = 0.5. Positive: v_pos = 0.5 v + 0.5 v_old = [1, 3]; x0_pos = x_t - 0.5 v_pos = [1.5, -1.5];
+    #   err = [0.5, -0.5], w = 0.5, L_pos = mean(0.25 / 0.5, 0.25 / 0.5) = 0.5.
+    # Negative: v_neg = 1.5 v_old - 0.5 v = [-1, 5]; x0_neg = [2.5, -2.5]; err = [1.5, -1.5], w = 1.5,
+    #   L_neg = mean(2.25 / 1.5, 2.25 / 1.5) = 1.5.
+    # r' = 0: (0 * 0.5 + 1 * 1.5) / 0.5 * 5 = 15;  r' = 0.25: (0.25 * 0.5 + 0.75 * 1.5) / 0.5 * 5 = 12.5.
+    # policy loss = (15 + 12.5) / 2 = 13.75; KL = mean((v - v_ref)^2) = mean(0, 4, 0, 4) = 2, times 0.1.
+    out = nft_loss(v, v_old, v_ref, x_t, x0, t, torch.tensor([0.0, 0.25]), beta=0.5, kl_coef=0.1)
+    assert out.policy_loss.item() == pytest.approx(13.75, rel=1e-6)
+    assert out.kl.item() == pytest.approx(2.0, rel=1e-6)
+    assert out.loss.item() == pytest.approx(13.95, rel=1e-6)
+    out.loss.backward()
+    # d err_neg / dv = +t beta = 0.25, d err_pos / dv = -0.25; d mean(err^2 / w) / d err_i = err_i / w (D = 2).
+    # Sample 0 (r' = 0): 5 / beta / 2 (batch mean) * (err_neg / 1.5 * 0.25) = 5 * [0.25, -0.25] = [1.25, -1.25].
+    # Sample 1: 5 * (0.25 * [0.5, -0.5] / 0.5 * -0.25 + 0.75 * [0.25, -0.25]) = 5 * [0.125, -0.125].
+    # KL: 0.1 * 2 (v - v_ref) / 4 = [0, 0.1] for both samples.
+    torch.testing.assert_close(v.grad, torch.tensor([[1.25, -1.15], [0.625, -0.525]]))
+    # r' = 1 is the positive branch alone: 0.5 / 0.5 * 5 = 5 (and r' = 0 the negative: 1.5 / 0.5 * 5 = 15).
+    ones = nft_loss(v, v_old, None, x_t, x0, t, torch.ones(2), beta=0.5, kl_coef=0.0)
+    zeros = nft_loss(v, v_old, None, x_t, x0, t, torch.zeros(2), beta=0.5, kl_coef=0.0)
+    assert ones.loss.item() == pytest.approx(5.0, rel=1e-6) and zeros.loss.item() == pytest.approx(15.0, rel=1e-6)
 
 
 def test_kl_zero_when_policy_equals_reference():
@@ -78,14 +93,28 @@ def test_adaptive_weight_is_detached():
     assert not torch.allclose(grad, v3.grad)
 
 
-def test_advantages_hand_computed():
-    r = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
-    # prompt means 2 and 2; global std (unbiased) of [1, 3, 2, 2] = sqrt(2/3)
-    std = math.sqrt(2 / 3)
+def test_advantages_use_the_population_std():
+    r = torch.tensor([[0.0, 2.0], [4.0, 6.0]])
+    # Prompt means 1 and 5, so r - mean = -1, +1, -1, +1. Global mean 3; deviations -3, -1, 1, 3:
+    # population variance (ddof 0) = (9 + 1 + 1 + 9) / 4 = 5, std = sqrt(5) = 2.2360679...
+    # (the unbiased std would be sqrt(20 / 3) = 2.5819889...).
+    a = 1 / (2.2360679775 + 1e-4)  # = 0.4471935...
     adv, r_opt = advantages(r)
-    expected = torch.tensor([[-1 / (std + 1e-4), 1 / (std + 1e-4)], [0.0, 0.0]])
+    expected = torch.tensor([[-a, a], [-a, a]])
     torch.testing.assert_close(adv, expected)
-    torch.testing.assert_close(r_opt, expected / 10 + 0.5)
+    # r' = clamp(A / 5 / 2 + 0.5, 0, 1)
+    torch.testing.assert_close(r_opt, torch.tensor([[0.5 - a / 10, 0.5 + a / 10], [0.5 - a / 10, 0.5 + a / 10]]))
+
+
+def test_advantages_std_is_global_and_skips_dropped_samples():
+    r = torch.tensor([[1.0, 3.0, float("nan")], [2.0, 2.0, 2.0]])
+    # Finite values 1, 3, 2, 2, 2: mean 2, population variance (1 + 1 + 0 + 0 + 0) / 5 = 0.4,
+    # std = sqrt(0.4) = 0.6324555320 (unbiased: sqrt(0.5)). Prompt 0's mean is over its finite samples: 2.
+    a = 1 / (0.6324555320 + 1e-4)  # = 1.5808...
+    adv, _ = advantages(r)
+    torch.testing.assert_close(adv[0, :2], torch.tensor([-a, a]))
+    assert math.isnan(adv[0, 2].item())
+    assert torch.equal(adv[1], torch.zeros(3))
 
 
 def test_advantages_clip_and_nan_samples():
@@ -122,11 +151,14 @@ def test_selection_other_modes_and_invalid_sizes():
 
 
 def test_decay_schedules_and_blend():
-    assert old_decay(0) == 0.0 and old_decay(100) == pytest.approx(0.1) and old_decay(10_000) == 0.5
-    assert ema_decay(0) == pytest.approx(0.1) and ema_decay(1000) == 0.9
+    # Spec step 7: d = min(0.001 * step, 0.5), EMA decay min((1 + s) / (10 + s), 0.9).
+    assert old_decay(1) == pytest.approx(0.001) and old_decay(100) == pytest.approx(0.1)
+    assert old_decay(500) == 0.5 and old_decay(10_000) == 0.5
+    assert ema_decay(1) == pytest.approx(2 / 11) and ema_decay(9) == pytest.approx(10 / 19)
+    assert ema_decay(80) == pytest.approx(0.9) and ema_decay(1000) == 0.9  # 81 / 90 = 0.9: the cap
     target = {"w": torch.tensor([1.0, 1.0])}
     blend_(target, {"w": torch.tensor([3.0, 5.0])}, 0.25)
-    torch.testing.assert_close(target["w"], torch.tensor([2.5, 4.0]))
+    torch.testing.assert_close(target["w"], torch.tensor([2.5, 4.0]))  # 0.25 * 1 + 0.75 * 3, 0.25 * 1 + 0.75 * 5
 
 
 def test_rank_correlations_match_scipy():

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from .metrics import metrics_log
 
 log = logging.getLogger("solrl")
 
@@ -85,12 +85,8 @@ class RunContext:
         return self.run_dir
 
     def log_metrics(self, row: dict[str, Any]) -> None:
-        """Append one row to metrics.jsonl (flushed and fsynced: a crash loses no row)."""
-        path = self.require_run_dir() / "metrics.jsonl"
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one row to the run's metrics log (metrics.jsonl and its sinks)."""
+        metrics_log(self.require_run_dir()).append(row)
 
 
 _current: contextvars.ContextVar[RunContext] = contextvars.ContextVar("solrl_run_context")

@@ -10,17 +10,18 @@ STD_EPS = 1e-4
 
 
 def global_std(values: Tensor) -> Tensor:
-    """Std over all finite values in the batch, across ranks when torch.distributed is running."""
+    """Population std (ddof 0, numpy's default, as the reference) over all finite values in the
+    batch, across ranks when torch.distributed is running."""
     finite = torch.isfinite(values)
     v = torch.where(finite, values, torch.zeros_like(values)).double()
     stats = torch.stack([finite.sum().double(), v.sum(), (v * v).sum()])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(stats)
     n, s, ss = stats
-    if n < 2:
+    if n < 1:
         return torch.zeros((), dtype=values.dtype)
     mean = s / n
-    var = (ss - n * mean * mean) / (n - 1)  # unbiased, as torch.std
+    var = ss / n - mean * mean
     return var.clamp_min(0).sqrt().to(values.dtype)
 
 

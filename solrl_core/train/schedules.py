@@ -6,12 +6,13 @@ from torch import Tensor
 
 
 def old_decay(step: int) -> float:
-    """old <- d * old + (1 - d) * current, d = min(0.001 * step, 0.5): fully on-policy at first."""
+    """old <- d * old + (1 - d) * current, d = min(0.001 * step, 0.5); `step` counts optimizer steps
+    taken so far, this one included (1 at the first update): almost fully on-policy at first."""
     return min(0.001 * step, 0.5)
 
 
 def ema_decay(step: int) -> float:
-    """EMA (evaluation / export copy) decay: min((1 + s) / (10 + s), 0.9)."""
+    """EMA (evaluation / export copy) decay: min((1 + s) / (10 + s), 0.9), s counted as in old_decay."""
     return min((1 + step) / (10 + step), 0.9)
 
 

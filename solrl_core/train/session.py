@@ -32,13 +32,13 @@ from ..models.lora import is_full_finetune
 from ..quant import DEFAULT_SKIP, QuantConfig, quantize_model, requantize_model
 from ..runtime import distributed as dp
 from ..runtime.files import atomic_write_text
+from ..runtime.metrics import metrics_log
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
 from .prompts import PromptCursor, split_prompts
 
 log = logging.getLogger("solrl")
 
 TRAINED, SAMPLING, EMA = "default", "old", "ema"
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,7 @@ class TrainingSession:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             info = {**asdict(self.config), "held_out_prompts": self.held_out_prompts}
             atomic_write_text(self.run_dir / "session.json", json.dumps(info, indent=1) + "\n")
-            metrics = self.run_dir / METRICS_FILE
-            if metrics.exists():  # a new run in an old directory starts its metrics afresh
-                atomic_write_text(metrics, "")
+        metrics_log(self.run_dir).restore([])  # a new run in an old directory drops the old run's iterations
         dp.barrier()
 
     def _restore(self, path: Path) -> None:
@@ -138,10 +136,9 @@ class TrainingSession:
         self.optimizer_settings = meta.get("optimizer_settings")
         if optimizer is not None and self.optimizer_settings is not None:
             self.make_optimizer(self.optimizer_settings).load_state_dict(optimizer)
-        # metrics.jsonl may hold rows of an iteration that never reached its checkpoint.
-        if dp.is_main():
-            atomic_write_text(self.run_dir / METRICS_FILE,
-                              "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.metrics))
+        # The log may hold rows of an iteration that never reached its checkpoint, or lack the row of
+        # one that did; other rows (Log Metric) stay.
+        metrics_log(self.run_dir).restore(self.metrics)
         log.info("resumed %s at iteration %d", self.run_dir, self.iteration)
 
     # --- randomness -----------------------------------------------------------------------
@@ -246,8 +243,7 @@ class TrainingSession:
         if dp.is_main():  # every rank holds the same weights and optimizer state
             save_checkpoint(self.run_dir, self.iteration, tensors,
                             self.optimizer.state_dict() if self.optimizer is not None else None, meta)
-            with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row, sort_keys=True) + "\n")
+        metrics_log(self.run_dir).append(row)
         dp.barrier()
         for ref in self._batches:
             batch = ref()

@@ -282,11 +282,13 @@ def update(batch: SampleBatch, s: UpdateSettings) -> dict[str, float]:
     optimizer.zero_grad(set_to_none=True)
     stats["loss"] = loss_sum / pairs_done if pairs_done else math.nan
     stats["kl"] = kl_sum / pairs_done if pairs_done else math.nan
-    # Sampling policy follows the trained one (fully on-policy at first), then the EMA.
+    # Sampling policy follows the trained one (almost fully on-policy at first), then the EMA. Both
+    # schedules count optimizer steps taken so far, this one included: 1 at the first update.
+    step = session.iteration + 1
     current = adapter_state(model, TRAINED)
     old = adapter_state(model, SAMPLING)
-    blend_(old, current, old_decay(session.iteration))
+    blend_(old, current, old_decay(step))
     load_adapter_state(model, SAMPLING, old)
-    blend_(session.ema, current, ema_decay(session.iteration))
+    blend_(session.ema, current, ema_decay(step))
     stats["time_train"] = time.perf_counter() - start
     return stats
