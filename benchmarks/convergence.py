@@ -30,11 +30,14 @@ BASELINE = "diffusionnft"
 
 def speedups(curves: dict[str, Curve], cpu: bool = False) -> tuple[float, dict[str, float]]:
     """DiffusionNFT's final (smoothed) held-out reward, and per arm: DiffusionNFT's time to reach it
-    divided by the arm's (inf: the arm never reached it, 0 < x < 1: slower)."""
+    divided by the arm's (0: the arm never reached it; NaN for all when DiffusionNFT did not improve
+    on the base model, so there is no time to compare)."""
     base = curves[BASELINE]
     target = base.smoothed()[-1]
     t_base = base.time_to(target, cpu)
-    return target, {name: (t_base / t if t > 0 else math.inf) if math.isfinite(t) else 0.0
+    if t_base <= 0:
+        return target, {name: math.nan for name in curves}
+    return target, {name: t_base / t if math.isfinite(t) else 0.0
                     for name, c in curves.items() for t in [c.time_to(target, cpu)]}
 
 
@@ -44,7 +47,7 @@ def ranking(curves: dict[str, Curve]) -> list[str]:
 
 
 def _fmt_speedup(x: float) -> str:
-    return "not reached" if x == 0.0 else f"{x:.2f}x"
+    return "n/a" if math.isnan(x) else "not reached" if x == 0.0 else f"{x:.2f}x"
 
 
 def report(curves: dict[str, Curve], facts: dict, seed: int, others: dict[int, list[str]]) -> str:

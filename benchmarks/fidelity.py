@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from miniature import RESULTS, Task
+from miniature import NVFP4_MIN_DIM, RESULTS, Task
 
 from solrl_core.models import load_policy
 from solrl_core.rewards import load_weighted_reward
@@ -52,16 +52,20 @@ def main(argv: list[str] | None = None) -> None:
     policy = load_policy("embedded")
     reward = load_weighted_reward("shapes")
     prompts = load_prompts(a.prompts)
-    configs = [("full precision (reference)", "none", f), ("full precision, fewer steps", "none", d),
-               ("emulated NVFP4", "emulated", f), ("emulated NVFP4", "emulated", d),
-               ("cpu_int8", "cpu_int8", f), ("cpu_int8", "cpu_int8", d)]
+    ff, every = f"feed-forward (max(in, out) > {NVFP4_MIN_DIM})", "every linear"
+    configs = [("full precision (reference)", "none", f, 0), ("full precision, fewer steps", "none", d, 0),
+               (f"emulated NVFP4, {ff}", "emulated", f, NVFP4_MIN_DIM),
+               (f"emulated NVFP4, {ff}", "emulated", d, NVFP4_MIN_DIM),
+               (f"emulated NVFP4, {every}", "emulated", d, 0),
+               (f"cpu_int8, {every}", "cpu_int8", f, 0), (f"cpu_int8, {every}", "cpu_int8", d, 0),
+               (f"cpu_int8, {ff}", "cpu_int8", d, NVFP4_MIN_DIM)]
     results = []
     with tempfile.TemporaryDirectory(prefix="solrl-fidelity-") as root:
-        for i, (name, backend, steps) in enumerate(configs):
+        for i, (name, backend, steps, min_dim) in enumerate(configs):
             s = TrainingSession(Path(root) / str(i), policy, prompts,
                                 SessionConfig(seed=a.seed, lora_rank=task.lora_rank, lora_alpha=task.lora_alpha),
                                 resume=False)
-            s.refresh_copies(backend, min_dim=0)
+            s.refresh_copies(backend, min_dim=min_dim)
             start = time.perf_counter()
             batch = explore(s, reward, min(a.groups, len(prompts)), a.pool, steps,
                             precision="full" if backend == "none" else "low", batch_size=64)
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Reference reward of the explorer's top {k}: what best_worst selection keeps, against the true top {k} "
         f"({_kept_reward(full, full, k):.4f}) and the pool mean ({full.mean():.4f}).",
         "",
-        "| explorer | steps | Kendall tau | Spearman rho | top-4 | top-8 | bottom-4 | reference reward of its top-4 "
+        "| explorer (quantized layers) | steps | Kendall tau | Spearman rho | top-4 | top-8 | bottom-4 | reference reward of its top-4 "
         "| mean draft reward | s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]

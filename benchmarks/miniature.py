@@ -28,6 +28,7 @@ from solrl_core.train.session import SessionConfig, TrainingSession  # noqa: E40
 from solrl_core.train.stages import UpdateSettings, explore, held_out_reward, rank, regenerate, update  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+NVFP4_MIN_DIM = 128  # the embedded model's width
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Task:
     prompts_per_iteration: int = 8  # P
     pool: int = 32  # N (arms that explore or scale)
     keep: int = 8  # K, trained per prompt by every arm
-    draft_steps: int = 4  # D
+    draft_steps: int = 6  # D (at 4, fewer steps alone reorder the drafts: benchmarks/results/fidelity.md)
     full_steps: int = 8  # F
     lr: float = 1e-3
     lora_rank: int = 16
@@ -65,6 +66,10 @@ class Arm:
     pool: int | None = None  # N; None: the task's
     draft_steps: int | None = None  # D for a low-precision stage 1; None: the task's
     regenerate: bool = True  # False: train on what stage 1 sampled (the naive arms)
+    # Explorer layers: max(in, out) <= min_dim stay full precision. NVFP4 follows SANA's rule at the
+    # embedded model's width (128: feed-forward quantized, attention not); 4 bits on every linear of so
+    # small a model scrambles the ranking (fidelity.md). int8 loses little on every linear and gains more.
+    min_dim: int = NVFP4_MIN_DIM
 
     def n(self, task: Task) -> int:
         return task.pool if self.pool is None else self.pool
@@ -79,7 +84,7 @@ def paper_arms(task: Task) -> dict[str, Arm]:
     """The five arms of the paper's comparison, sized like the paper: K trained per prompt by all."""
     return {
         "sol_rl_nvfp4": Arm("Sol-RL, emulated NVFP4 explorer", "emulated"),
-        "sol_rl_int8": Arm("Sol-RL, cpu_int8 explorer", "cpu_int8"),
+        "sol_rl_int8": Arm("Sol-RL, cpu_int8 explorer", "cpu_int8", min_dim=0),
         "diffusionnft": Arm("DiffusionNFT (K-in-K, full precision)", "none", pool=task.keep, regenerate=False),
         "naive_scaling": Arm("naive scaling (K-in-N, full precision)", "none", regenerate=False),
         "naive_quant": Arm("naive quant (train on the NVFP4 drafts)", "emulated", regenerate=False),
@@ -99,9 +104,10 @@ class Curve:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed per stage over the run
 
     def smoothed(self) -> list[float]:
-        """Centred 3-point mean (2-point at the ends): the held-out reward with less seed noise."""
+        """The held-out reward with less seed noise: a centred 3-point mean, the last point the mean of
+        the last two; the first (the base model, the same for every arm) as measured."""
         r = self.reward
-        return [sum(r[max(0, i - 1): i + 2]) / len(r[max(0, i - 1): i + 2]) for i in range(len(r))]
+        return r[:1] + [sum(r[i - 1: i + 2]) / len(r[i - 1: i + 2]) for i in range(1, len(r))]
 
     def time_to(self, target: float, cpu: bool = False) -> float:
         """Seconds of work until the smoothed held-out reward first reaches `target` (linear between
@@ -148,7 +154,7 @@ class ArmRun:
         """One iteration; measures the held-out reward first when one is due."""
         s, a, t = self.session, self.arm, self.task
         wall, cpu = time.perf_counter(), time.process_time()
-        s.refresh_copies(a.backend, min_dim=0)
+        s.refresh_copies(a.backend, min_dim=a.min_dim)
         if s.iteration % t.eval_every == 0:
             pause = time.perf_counter(), time.process_time()
             self._held_out()
@@ -174,7 +180,7 @@ class ArmRun:
     def finish(self) -> None:
         """The held-out reward after the last update."""
         if not self.curve.iteration or self.curve.iteration[-1] != self.session.iteration:
-            self.session.refresh_copies(self.arm.backend, min_dim=0)
+            self.session.refresh_copies(self.arm.backend, min_dim=self.arm.min_dim)
             self._held_out()
 
 
