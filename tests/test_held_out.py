@@ -43,8 +43,9 @@ def test_split_is_seeded_and_independent_of_prompt_order():
 def test_a_repeated_prompt_is_never_on_both_sides():
     prompts = ["a red circle", "a red circle", "a blue square", "a green triangle", "a red circle"]
     for seed in range(20):
-        train, held = split_prompts(prompts, 1, seed)
-        assert len(held) == 1 and held[0] not in train and len(train) == len(prompts) - prompts.count(held[0])
+        train, held = split_prompts(prompts, 2, seed)  # two distinct prompts, however often each is listed
+        assert len(set(held)) == 2 and not set(held) & set(train)
+        assert len(train) == len(prompts) - sum(prompts.count(p) for p in held)
 
 
 @pytest.mark.parametrize("held_out", [-1, 45, 46])
@@ -77,6 +78,10 @@ def test_training_never_draws_a_held_out_prompt_and_resume_keeps_the_split(tmp_p
     assert resumed.next_prompts(8) == expected
     with pytest.raises(ValueError, match="held_out"):
         TrainingSession(tmp_path / "run", policy, COUNTS, replace(config, held_out=10))
+    # An edited prompt set that moves prompts across the split cannot resume the run either.
+    edited = [p for p in COUNTS if p != held[0]]
+    with pytest.raises(ValueError, match="prompts held out"):
+        TrainingSession(tmp_path / "run", policy, edited, config)
 
 
 class RecordingShapes(ShapesReward):

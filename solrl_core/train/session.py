@@ -126,6 +126,11 @@ class TrainingSession:
                     if getattr(saved, k) != getattr(self.config, k)}
             raise ValueError(f"run directory {self.run_dir} holds a run with other settings {diff} "
                              "(saved, given); choose mode 'new' or another run name")
+        if meta.get("held_out_prompts", self.held_out_prompts) != self.held_out_prompts:
+            # An edited prompt set can move prompts across the split: a prompt scored as held out
+            # would then be trained on. Refuse rather than blur the curve.
+            raise ValueError(f"run directory {self.run_dir}: the prompt set changed, and with it the prompts "
+                             f"held out (held_out={self.config.held_out}); choose mode 'new' or another run name")
         model = self.policy.transformer
         for name in (TRAINED, SAMPLING):
             load_adapter_state(model, name, _strip(tensors, name))
@@ -239,7 +244,8 @@ class TrainingSession:
         tensors.update({f"{SAMPLING}.{k}": v for k, v in adapter_state(model, SAMPLING).items()})
         tensors.update({f"{EMA}.{k}": v for k, v in self.ema.items()})
         meta = {"config": asdict(self.config), "iteration": self.iteration, "cursor": asdict(self.cursor),
-                "metrics": self.metrics, "optimizer_settings": self.optimizer_settings}
+                "metrics": self.metrics, "optimizer_settings": self.optimizer_settings,
+                "held_out_prompts": self.held_out_prompts}
         if dp.is_main():  # every rank holds the same weights and optimizer state
             save_checkpoint(self.run_dir, self.iteration, tensors,
                             self.optimizer.state_dict() if self.optimizer is not None else None, meta)
