@@ -25,7 +25,8 @@ from solrl_core.models import load_policy
 from solrl_core.rewards import load_weighted_reward
 from solrl_core.train.audit import ranking_agreement
 from solrl_core.train.prompts import load_prompts
-from solrl_core.train.session import SessionConfig, TrainingSession
+from solrl_core.train.session import TrainingSession
+from solrl_core.train.settings import ExploreSettings, RequantizeSettings, SessionConfig
 from solrl_core.train.stages import explore
 
 
@@ -65,10 +66,10 @@ def main(argv: list[str] | None = None) -> None:
             s = TrainingSession(Path(root) / str(i), policy, prompts,
                                 SessionConfig(seed=a.seed, lora_rank=task.lora_rank, lora_alpha=task.lora_alpha),
                                 resume=False)
-            s.refresh_copies(backend, min_dim=min_dim)
+            s.refresh_copies(RequantizeSettings(backend, min_dim=min_dim))
             start = time.perf_counter()
-            batch = explore(s, reward, min(a.groups, len(prompts)), a.pool, steps,
-                            precision="full" if backend == "none" else "low", batch_size=64)
+            batch = explore(s, reward, ExploreSettings(min(a.groups, len(prompts)), a.pool, steps,
+                                                       "full" if backend == "none" else "low", 64))
             results.append((name, backend, steps, batch, time.perf_counter() - start))
             print(f"{name}, {steps} steps: mean reward {batch.rewards.mean():.4f} "
                   f"({results[-1][-1]:.1f} s)", flush=True)

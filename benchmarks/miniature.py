@@ -24,8 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from solrl_core.models import load_policy  # noqa: E402
 from solrl_core.rewards import load_weighted_reward  # noqa: E402
 from solrl_core.train.prompts import load_prompts  # noqa: E402
-from solrl_core.train.session import SessionConfig, TrainingSession  # noqa: E402
-from solrl_core.train.stages import UpdateSettings, explore, held_out_reward, rank, regenerate, update  # noqa: E402
+from solrl_core.train.session import TrainingSession  # noqa: E402
+from solrl_core.train.settings import (  # noqa: E402
+    EvaluateSettings,
+    ExploreSettings,
+    RegenerateSettings,
+    RequantizeSettings,
+    SelectSettings,
+    SessionConfig,
+    UpdateSettings,
+)
+from solrl_core.train.stages import explore, held_out_reward, regenerate, select, update  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NVFP4_MIN_DIM = 128  # the embedded model's width
@@ -142,8 +151,9 @@ class ArmRun:
 
     def _held_out(self) -> None:
         """Measure (untimed) with the current sampling policy, after session.iteration updates."""
-        row = held_out_reward(self.session, self.reward, self.task.full_steps, per_prompt=self.task.eval_seeds,
-                              batch_size=self.task.batch_size)
+        t = self.task
+        row = held_out_reward(self.session, self.reward,
+                              EvaluateSettings(steps=t.full_steps, per_prompt=t.eval_seeds, batch_size=t.batch_size))
         c = self.curve
         c.iteration.append(self.session.iteration)
         c.seconds.append(self.wall)
@@ -154,19 +164,19 @@ class ArmRun:
         """One iteration; measures the held-out reward first when one is due."""
         s, a, t = self.session, self.arm, self.task
         wall, cpu = time.perf_counter(), time.process_time()
-        s.refresh_copies(a.backend, min_dim=a.min_dim)
+        s.refresh_copies(RequantizeSettings(a.backend, min_dim=a.min_dim))
         if s.iteration % t.eval_every == 0:
             pause = time.perf_counter(), time.process_time()
             self._held_out()
             wall += time.perf_counter() - pause[0]
             cpu += time.process_time() - pause[1]
         low = a.backend != "none"
-        batch = explore(s, self.reward, t.prompts_per_iteration, a.n(t), a.stage1_steps(t),
-                        precision="low" if low else "full", batch_size=t.batch_size)
+        batch = explore(s, self.reward, ExploreSettings(t.prompts_per_iteration, a.n(t), a.stage1_steps(t),
+                                                        "low" if low else "full", t.batch_size))
         if a.n(t) != t.keep:
-            batch = rank(batch, t.keep)
+            batch = select(batch, SelectSettings(keep=t.keep))
         if a.regenerate:
-            batch = regenerate(batch, self.reward, t.full_steps, batch_size=t.batch_size)
+            batch = regenerate(batch, self.reward, RegenerateSettings(t.full_steps, t.batch_size))
         self.curve.train_reward.append(s.pending["reward_mean"] if a.regenerate else
                                        _mean_finite(batch.rewards))
         stats = update(batch, t.update_settings())
@@ -180,7 +190,7 @@ class ArmRun:
     def finish(self) -> None:
         """The held-out reward after the last update."""
         if not self.curve.iteration or self.curve.iteration[-1] != self.session.iteration:
-            self.session.refresh_copies(self.arm.backend, min_dim=self.arm.min_dim)
+            self.session.refresh_copies(RequantizeSettings(self.arm.backend, min_dim=self.arm.min_dim))
             self._held_out()
 
 

@@ -27,8 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from solrl_core.models import load_policy  # noqa: E402
 from solrl_core.rewards import load_weighted_reward  # noqa: E402
 from solrl_core.train.prompts import load_prompts  # noqa: E402
-from solrl_core.train.session import SessionConfig, TrainingSession  # noqa: E402
-from solrl_core.train.stages import explore, rank, regenerate  # noqa: E402
+from solrl_core.train.session import TrainingSession  # noqa: E402
+from solrl_core.train.settings import (  # noqa: E402
+    ExploreSettings,
+    RegenerateSettings,
+    RequantizeSettings,
+    SelectSettings,
+    SessionConfig,
+)
+from solrl_core.train.stages import explore, regenerate, select  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rollout.md"
 
@@ -54,19 +61,22 @@ def main(argv: list[str] | None = None) -> None:
     sessions = {}
     for backend in ("none", "emulated", "cpu_int8"):
         s = TrainingSession(tmp / backend, policy, prompts, SessionConfig(lora_rank=8, lora_alpha=8.0))
-        s.refresh_copies(backend, min_dim=0)
+        s.refresh_copies(RequantizeSettings(backend, min_dim=0))
         sessions[backend] = s
+
+    keep = SelectSettings(keep=args.keep)
 
     def naive() -> None:
         s = sessions["none"]
-        rank(explore(s, reward, args.prompts, args.pool, args.full_steps, precision="full", batch_size=64),
-             args.keep)
+        select(explore(s, reward, ExploreSettings(args.prompts, args.pool, args.full_steps, "full", batch_size=64)),
+               keep)
 
     def sol_rl(backend: str):
         def run() -> None:
             s = sessions[backend]
-            kept = rank(explore(s, reward, args.prompts, args.pool, args.draft_steps, "low", 64), args.keep)
-            regenerate(kept, reward, args.full_steps, batch_size=64)
+            kept = select(explore(s, reward, ExploreSettings(args.prompts, args.pool, args.draft_steps, "low", 64)),
+                          keep)
+            regenerate(kept, reward, RegenerateSettings(args.full_steps, batch_size=64))
         return run
 
     cases = {"naive BF16 scaling (N at full precision, F steps)": naive,

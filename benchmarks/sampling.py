@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from solrl_core.models import load_policy  # noqa: E402
+from solrl_core.models.loading import EMBEDDED_DIR  # noqa: E402
 from solrl_core.models.tiny.evaluate import eval_prompts  # noqa: E402
-from solrl_core.models.tiny.flow import WEIGHTS_DIR  # noqa: E402
 from solrl_core.sampling import sample  # noqa: E402
 
 STEP_COUNTS = (6, 10)
@@ -28,7 +28,7 @@ STEP_COUNTS = (6, 10)
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", default=str(WEIGHTS_DIR))
+    ap.add_argument("--weights", default=str(EMBEDDED_DIR))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from ..solrl_core.ops.spec import ANY, Input, OpSpec
+from ..solrl_core.ops.spec import ANY, Input, InputError, OpSpec
 from ..solrl_core.runtime.context import use_context
 from .host import comfy_context, list_models
 
@@ -85,11 +85,20 @@ def node_class(spec: OpSpec) -> type:
         # float each call: containers compare by identity first, and ComfyUI's cache key holds this value
         # in a frozenset, where the one math.nan object would equal itself (a cache hit every time).
         attrs["IS_CHANGED"] = classmethod(lambda cls, **kw: float("nan"))
-    if spec.validate is not None:
+    if spec.validate is not None or spec.settings is not None:
         def VALIDATE_INPUTS(cls, **kw: Any) -> bool | str:  # noqa: N802 (ComfyUI's name)
+            # ComfyUI skips its own range and list checks for a node that validates with **kw, so the
+            # inputs are checked here as the headless engine does. Linked inputs arrive as None.
+            literals = {k: v for k, v in kw.items() if k not in hidden and v is not None}
             try:  # in ComfyUI's context: its model folders and output directory
                 with use_context(comfy_context(None)):
-                    spec.validate({k: v for k, v in kw.items() if k not in hidden}, {})
+                    for name, value in list(literals.items()):
+                        inp = spec.input(name)
+                        if inp is not None and inp.is_widget:
+                            literals[name] = inp.check(value)
+                    spec.check(literals, {})
+            except InputError as e:
+                return f"{e.input_name}: {e}"
             except (ValueError, FileNotFoundError) as e:
                 return str(e)
             return True

@@ -61,9 +61,6 @@ class ComfyContext(RunContext):
         image.save(folder / filename)
         return {"filename": filename, "subfolder": "solrl", "type": "temp"}
 
-    def list_models(self, kind: str) -> list[str]:
-        return list_models(kind)
-
 
 def list_models(kind: str) -> list[str]:
     """Model folders (diffusers) and files (checkpoints, diffusion models) in ComfyUI's folders."""

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .graph.builder import GraphBuilder
 from .graph.workflow import ApiGraph, api_to_ui, dump_json
+from .ops.registry import get_op
+from .runtime.settings import Settings
+from .train import settings as ts
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent.parent / "workflows"
 
@@ -35,89 +38,127 @@ def demo_loop() -> ApiGraph:
     return b.graph
 
 
+_RUN, _QUANT, _EXPLORE = ts.SessionConfig(), ts.RequantizeSettings(), ts.ExploreSettings()
+_SELECT, _REGEN, _EVAL, _UPDATE = ts.SelectSettings(), ts.RegenerateSettings(), ts.EvaluateSettings(), ts.UpdateSettings()
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """The settings of one training workflow (algorithm.md section 1 names in comments)."""
+    """The settings of one training workflow (algorithm.md section 1 names in comments).
+
+    Defaults come from the settings classes (train/settings.py); building a recipe builds every node's
+    settings, so a recipe with a bad value (beta = 0, K > N, ...) fails at once with a one-line error.
+    """
 
     model: str = "embedded"
     reward: str = "shapes"
     prompts: str = "shapes_all"
     run_name: str = "sol_rl"
-    iterations: int = 100
-    prompts_per_iteration: int = 48  # P
-    candidates: int = 96  # N
-    keep: int = 24  # K
-    draft_steps: int = 6  # D
-    full_steps: int = 10  # F
-    stage1: str = "low"  # "low": FP4 explore; "full": sample at full precision (baselines)
+    iterations: int = _RUN.total_iterations
+    prompts_per_iteration: int = _EXPLORE.prompts_per_iteration  # P
+    candidates: int = _EXPLORE.candidates  # N
+    keep: int = _SELECT.keep  # K
+    draft_steps: int = _EXPLORE.steps  # D
+    full_steps: int = _REGEN.steps  # F
+    stage1: str = _EXPLORE.precision  # "low": FP4 explore; "full": sample at full precision (baselines)
     regenerate: bool = True  # False: train directly on the kept drafts (naive baselines)
-    backend: str = "auto"
-    min_dim: int = -1
-    lr: float = 3e-4
-    beta: float = 1.0
-    kl_coef: float = 1e-4
-    train_fraction: float = 0.6
-    grad_clip: float = 1.0
-    micro_batch: int = 8
-    lora_rank: int = 32
-    lora_alpha: float = 64.0
-    full_finetune: bool = False  # train every weight instead of a LoRA (small models)
-    batch_size: int = 32
-    audit_every: int = 0
-    eval_every: int = 0  # held-out reward on fixed prompts and seeds (0: off)
-    held_out: int = 0  # prompts of the set kept out of training, scored by the held-out reward
-    eval_prompts: int = 0  # how many of the held-out prompts (0: all)
-    seed: int = 0
+    backend: str = _QUANT.backend
+    min_dim: int = _QUANT.min_dim
+    lr: float = _UPDATE.lr
+    beta: float = _UPDATE.beta
+    kl_coef: float = _UPDATE.kl_coef
+    train_fraction: float = _UPDATE.train_fraction
+    grad_clip: float = _UPDATE.grad_clip
+    micro_batch: int = _UPDATE.micro_batch
+    lora_rank: int = _RUN.lora_rank
+    lora_alpha: float = _RUN.lora_alpha
+    full_finetune: bool = _RUN.full_finetune  # train every weight instead of a LoRA (small models)
+    batch_size: int = _EXPLORE.batch_size
+    audit_every: int = _REGEN.audit_every
+    eval_every: int = 0  # held-out reward on fixed prompts and seeds (0: no Held-out Reward node)
+    held_out: int = _RUN.held_out  # prompts of the set kept out of training, scored by the held-out reward
+    eval_prompts: int = _EVAL.prompts  # how many of the held-out prompts (0: all)
+    seed: int = _RUN.seed
+
+    def __post_init__(self) -> None:
+        self.node_settings()  # builds, hence checks, every node's settings
+
+    def node_settings(self) -> dict[str, Settings]:
+        """The settings of each training node of the workflow, by op id."""
+        select = ts.SelectSettings(keep=self.keep)
+        select.check(candidates=self.candidates)
+        low = self.stage1 == "low"
+        return {
+            "SolRLTrainingRun": ts.SessionConfig(seed=self.seed, total_iterations=self.iterations,
+                                              lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+                                              full_finetune=self.full_finetune, held_out=self.held_out),
+            "SolRLRequantize": ts.RequantizeSettings(backend=self.backend if low else "none",
+                                                     min_dim=self.min_dim),
+            "SolRLFP4Sampler": ts.ExploreSettings(prompts_per_iteration=self.prompts_per_iteration,
+                                               candidates=self.candidates,
+                                               steps=self.draft_steps if low else self.full_steps,
+                                               precision=self.stage1, batch_size=self.batch_size),
+            "SolRLProxyRewardRanker": select,
+            "SolRLBF16Regenerator": ts.RegenerateSettings(steps=self.full_steps, batch_size=self.batch_size,
+                                                       audit_every=self.audit_every),
+            "SolRLEvaluate": ts.EvaluateSettings(steps=self.full_steps, prompts=self.eval_prompts,
+                                                 every=self.eval_every),
+            "SolRLNFTUpdate": ts.UpdateSettings(lr=self.lr, beta=self.beta, kl_coef=self.kl_coef,
+                                             train_fraction=self.train_fraction, grad_clip=self.grad_clip,
+                                             micro_batch=self.micro_batch),
+        }
 
 
 def training_graph(r: Recipe) -> ApiGraph:
     """Load -> Training Run -> loop[Requantize -> FP4 Sampler -> Ranker -> Regenerator -> Preview ->
     NFT Update] -> Plot Metrics, Save LoRA."""
+    settings = r.node_settings()
+
+    def widgets(op_id: str) -> dict:
+        """The node's inputs that are fields of its settings, set to the recipe's values."""
+        names = {f.name for f in fields(settings[op_id])}
+        return {i.name: getattr(settings[op_id], i.name) for i in get_op(op_id).inputs if i.name in names}
+
     b = GraphBuilder()
     policy = b.add("SolRLLoadPolicy", model=r.model, family="auto", device="auto", dtype="auto")
     reward = b.add("SolRLLoadReward", rewards=r.reward, device="auto")
     prompts = b.add("SolRLPromptSet", source=r.prompts)
     run = b.add("SolRLTrainingRun", policy=policy.out(0), prompts=prompts.out(0), run_name=r.run_name,
-                mode="continue", seed=r.seed, total_iterations=r.iterations, lora_rank=r.lora_rank,
-                lora_alpha=r.lora_alpha, full_finetune=r.full_finetune, held_out=r.held_out)
+                mode="continue", **widgets("SolRLTrainingRun"))
     loop = b.add("SolRLLoopStart", "Loop Start", iterations=r.iterations, value=run.out(0))
-    quant = b.add("SolRLRequantize", trainer=loop.out("value"),
-                  backend=r.backend if r.stage1 == "low" else "none", min_dim=r.min_dim, weight_tile="16x16")
-    drafts = b.add("SolRLFP4Sampler", trainer=quant.out(0), reward=reward.out(0),
-                   prompts_per_iteration=r.prompts_per_iteration, candidates=r.candidates,
-                   steps=r.draft_steps if r.stage1 == "low" else r.full_steps, precision=r.stage1,
-                   batch_size=r.batch_size)
+    quant = b.add("SolRLRequantize", session=loop.out("value"), **widgets("SolRLRequantize"))
+    drafts = b.add("SolRLFP4Sampler", session=quant.out(0), reward=reward.out(0), **widgets("SolRLFP4Sampler"))
     samples = drafts
-    if r.keep != r.candidates:  # (K > N is refused at validation)
-        samples = b.add("SolRLProxyRewardRanker", drafts=drafts.out(0), keep=r.keep, mode="best_worst")
+    if r.keep != r.candidates:
+        samples = b.add("SolRLProxyRewardRanker", drafts=drafts.out(0), **widgets("SolRLProxyRewardRanker"))
     if r.regenerate:
-        samples = b.add("SolRLBF16Regenerator", kept=samples.out(0), reward=reward.out(0), steps=r.full_steps,
-                        batch_size=r.batch_size, audit_every=r.audit_every, audit_size=16)
+        samples = b.add("SolRLBF16Regenerator", kept=samples.out(0), reward=reward.out(0),
+                        **widgets("SolRLBF16Regenerator"))
     if r.eval_every:
-        samples = b.add("SolRLEvaluate", samples=samples.out(0), reward=reward.out(0), steps=r.full_steps,
-                        prompts=r.eval_prompts, per_prompt=4, every=r.eval_every)
+        samples = b.add("SolRLEvaluate", samples=samples.out(0), reward=reward.out(0), **widgets("SolRLEvaluate"))
     preview = b.add("SolRLPreview", samples=samples.out(0), max_prompts=4, scale=4)
-    update = b.add("SolRLNFTUpdate", samples=preview.out("samples"), lr=r.lr, beta=r.beta, kl_coef=r.kl_coef,
-                   train_fraction=r.train_fraction, grad_clip=r.grad_clip, micro_batch=r.micro_batch)
-    end = b.add("SolRLLoopEnd", "Loop End", flow=loop.out("flow"), value=update.out("trainer"),
+    update = b.add("SolRLNFTUpdate", samples=preview.out("samples"), **widgets("SolRLNFTUpdate"))
+    end = b.add("SolRLLoopEnd", "Loop End", flow=loop.out("flow"), value=update.out("session"),
                 stop=update.out("done"))
-    b.add("SolRLPlotMetrics", trainer=end.out("value"), metric="reward_mean")
-    b.add("SolRLSaveLoRA", trainer=end.out("value"), weights="ema", filename=f"{r.run_name}_lora")
+    b.add("SolRLPlotMetrics", session=end.out("value"), metric="reward_mean")
+    b.add("SolRLSaveLoRA", session=end.out("value"), weights="ema", filename=f"{r.run_name}_lora")
     return b.graph
 
 
 # The paper's settings (algorithm.md sections 1 and 3) for the real models; the quickstart is sized
-# to finish in minutes on a laptop CPU with the embedded model.
-QUICKSTART = Recipe(run_name="quickstart", prompts="shapes_single", iterations=30, prompts_per_iteration=16,
-                    candidates=16, keep=8, draft_steps=4, full_steps=8, min_dim=0, lr=1e-3, eval_every=3,
-                    eval_prompts=15,
-                    lora_rank=16, lora_alpha=16.0, micro_batch=16, batch_size=64)
+# to finish in minutes on a laptop CPU with the embedded model, on the skill it is weak at (counts),
+# with the settings of benchmarks/convergence.py's Sol-RL arm. The explorer quantizes what SANA's rule
+# quantizes at the embedded model's width (128): the feed-forward layers.
+QUICKSTART = Recipe(run_name="quickstart", prompts="shapes_count", held_out=15, iterations=30,
+                    prompts_per_iteration=8, candidates=32, keep=8, draft_steps=6, full_steps=8, min_dim=128,
+                    lr=1e-3, eval_every=3, lora_rank=16, lora_alpha=16.0, micro_batch=16, batch_size=64)
 PAPER = dict(reward="pickscore:1,hpsv2:1,clipscore:1", prompts="prompts/general.txt", iterations=300)
 RECIPES: dict[str, tuple[Recipe, str]] = {
-    "quickstart": (QUICKSTART, "Sol-RL on the embedded tiny model with the rule-based shapes reward: 30 "
-                   "iterations of 16 single-object prompts x 16 drafts, keep the 4 best and 4 worst, regenerate, "
-                   "NFT update. Runs on a laptop CPU in minutes; watch reward_mean rise in Plot Metrics and "
-                   "eval_reward_mean (fixed prompts and seeds) in metrics.jsonl."),
+    "quickstart": (QUICKSTART, "Sol-RL on the embedded tiny model with the rule-based shapes reward, on counts "
+                   "('three red circles'), the skill it is weak at: 30 iterations of 8 prompts x 32 drafts, keep "
+                   "the 4 best and 4 worst, regenerate, NFT update. 15 of the 45 count prompts are held out: "
+                   "never trained on, scored every 3 iterations as eval_reward_mean in metrics.jsonl. Runs on "
+                   "a laptop CPU in minutes; watch reward_mean rise in Plot Metrics."),
     "sol_rl_sana": (Recipe(model="Efficient-Large-Model/Sana_1600M_1024px_diffusers", run_name="sol_rl_sana",
                            train_fraction=0.6, **PAPER),
                     "Sol-RL on SANA 1.6B, the paper's settings: P=48, N=96, K=24, 6 draft / 10 full Euler steps, "

@@ -62,7 +62,7 @@ class CliContext(RunContext):
 
 
 class QuietContext(RunContext):
-    """Ranks other than 0: no progress bars, no console output."""
+    """Processes other than 0: no progress bars, no console output."""
 
     def close(self) -> None:
         pass
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _execute(graph: ApiGraph, args: argparse.Namespace, run_dir: Path, argv: list[str]) -> int:
-    # Under torchrun every rank runs the workflow on its share of the prompts; rank 0 owns the files.
+    # Under torchrun every process runs the workflow on its share of the prompts; process 0 owns the files.
     dp.init_from_env()
     run_dir = Path(dp.broadcast(str(run_dir)))
     main_rank = dp.is_main()

@@ -67,6 +67,21 @@ def test_generated_class_runs_op_and_expands(pack):
     assert out["expand"]["3.1.2"]["override_display_id"] == "2"
 
 
+def test_generated_classes_check_settings_and_widget_values(pack):
+    """Nodes backed by settings (train/settings.py) refuse bad values in ComfyUI with one line, as the
+    engine does."""
+    update = pack.NODE_CLASS_MAPPINGS["SolRLNFTUpdate"]
+    assert update.VALIDATE_INPUTS(samples=None, lr=3e-4, beta=0.5) is True
+    assert update.VALIDATE_INPUTS(samples=None, lr=3e-4, beta=0.0) == "beta: 0 is below the minimum 0.001"
+    ranker = pack.NODE_CLASS_MAPPINGS["SolRLProxyRewardRanker"]
+    assert "K must be even" in ranker.VALIDATE_INPUTS(drafts=None, keep=3, mode="best_worst")
+    assert ranker.VALIDATE_INPUTS(drafts=None, keep=3, mode="mean_deviation") is True
+    assert "is not one of" in ranker.VALIDATE_INPUTS(drafts=None, keep=4, mode="worst")
+    # A widget outside the settings is checked too (ComfyUI skips its own checks for such nodes).
+    run = pack.NODE_CLASS_MAPPINGS["SolRLTrainingRun"]
+    assert run.VALIDATE_INPUTS(mode="restart", seed=0) == "mode: 'restart' is not one of ['continue', 'new']"
+
+
 def test_always_run_nodes_are_never_cached(pack):
     cls = pack.NODE_CLASS_MAPPINGS["SolRLLogMetric"]
     v = cls.IS_CHANGED()

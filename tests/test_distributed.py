@@ -36,7 +36,7 @@ def test_two_ranks_match_one_process(tmp_path):
     rows_1 = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
     rows_2 = [json.loads(x) for x in (multi / "metrics.jsonl").read_text().splitlines()]
     assert len(rows_1) == len(rows_2) == 2
-    for a, b in zip(rows_1, rows_2):  # the same samples and rewards, gathered over both ranks
+    for a, b in zip(rows_1, rows_2):  # the same samples and rewards, gathered over both processes
         for key in ("draft_reward_mean", "draft_reward_max", "reward_mean", "reward_min", "dropped"):
             assert abs(a[key] - b[key]) < 1e-6, (key, a[key], b[key])
         assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, abs(a["loss"]))

@@ -115,7 +115,7 @@ def test_the_held_out_reward_node_scores_only_held_out_prompts(tmp_path, model_d
 
 
 def test_held_out_larger_than_the_set_fails_before_compute(tmp_path, capsys):
-    recipe = replace(QUICKSTART, held_out=15)  # shapes_single has 15 prompts
+    recipe = replace(QUICKSTART, prompts="shapes_single", held_out=15)  # 15 prompts: none left to train on
     wf = tmp_path / "wf.json"
     wf.write_text(json.dumps(training_graph(recipe)))
     assert main([str(wf), "--run-dir", str(tmp_path / "run")]) == 2

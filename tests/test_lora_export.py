@@ -19,10 +19,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from solrl_core.models import adapter_state, adapters_disabled, load_adapter_state, load_policy, use_adapter
+from solrl_core.models.lora import SAMPLING, TRAINED
 from solrl_core.train.export import save_lora
-from solrl_core.train.session import EMA, SAMPLING, TRAINED, SessionConfig, TrainingSession
+from solrl_core.train.session import EMA, TrainingSession
+from solrl_core.train.settings import SessionConfig
 
-RANK, ALPHA = 4, 8.0  # alpha != rank: the scale 2 must be folded into lora_B
+LORA_RANK, ALPHA = 4, 8.0  # alpha != LoRA rank: the scale 2 must be folded into lora_B
 PROMPTS = ["a red circle", "two blue squares"]
 BUILD = {"sana": lambda: build_sana(seed=1, with_vae=False, sample_size=8), "flux": lambda: build_flux(seed=1),
          "sd3": lambda: build_sd3(seed=1)}
@@ -38,7 +40,7 @@ def folders(tmp_path_factory):
 def _trained_session(folder, run_dir) -> TrainingSession:
     """A session whose trained adapter and EMA hold distinct non-zero weights (as after training)."""
     policy = load_policy(str(folder))
-    session = TrainingSession(run_dir, policy, PROMPTS, SessionConfig(lora_rank=RANK, lora_alpha=ALPHA))
+    session = TrainingSession(run_dir, policy, PROMPTS, SessionConfig(lora_rank=LORA_RANK, lora_alpha=ALPHA))
     g = torch.Generator().manual_seed(7)
     model = policy.transformer
     trained = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in adapter_state(model, TRAINED).items()}
@@ -89,13 +91,13 @@ def test_saved_file_layout_and_metadata(folders, tmp_path):
     assert modules and len(state) == 2 * len(modules)  # an A and a B per module, no alpha keys
     for module in modules:
         a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
-        assert a.dtype == b.dtype == torch.float32 and a.shape[0] == RANK and b.shape[1] == RANK
+        assert a.dtype == b.dtype == torch.float32 and a.shape[0] == LORA_RANK and b.shape[1] == LORA_RANK
         key = module[len("transformer."):]
         assert torch.equal(a, session.ema[f"{key}.lora_A.weight"])
-        assert torch.equal(b, session.ema[f"{key}.lora_B.weight"] * (ALPHA / RANK))
+        assert torch.equal(b, session.ema[f"{key}.lora_B.weight"] * (ALPHA / LORA_RANK))
     with safe_open(str(path), "pt") as f:
         info = json.loads(f.metadata()["solrl"])
-    assert info["family"] == "sana" and info["weights"] == EMA and info["lora_rank"] == RANK
+    assert info["family"] == "sana" and info["weights"] == EMA and info["lora_rank"] == LORA_RANK
     assert info["iterations"] == 0
 
 

@@ -27,7 +27,7 @@ def test_missing_embedded_model_is_a_one_line_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not (loading.EMBEDDED_DIR / "model_index.json").is_file(), reason="tiny model not built yet")
-def test_shipped_tiny_model_matches_its_own_sampler():
+def test_shipped_tiny_model_through_the_adapter_matches_its_training_conventions():
     from solrl_core.models.tiny import TinyModel
     from solrl_core.models.tiny import sample as tiny_sample
 
@@ -35,7 +35,8 @@ def test_shipped_tiny_model_matches_its_own_sampler():
     assert policy.latent_shape() == (3, 32, 32) and policy.resolution == (32, 32)
     prompts, seeds = ["a red circle", "a blue square"], [0, 1]
     theirs = tiny_sample(TinyModel.from_pretrained(loading.EMBEDDED_DIR), prompts, seeds, steps=4)
-    # their grid is the scheduler's (1 ... 1/1000, 0); pass it to compare the same ODE discretisation
+    # TinyModel encodes and calls the transformer as the training script does; its previews use the
+    # scheduler's grid (1 ... 1/1000, 0): pass it to compare the same ODE discretisation
     from solrl_core.models.schedules import scheduler_sigmas
 
     sigmas = scheduler_sigmas(policy.scheduler, 4)

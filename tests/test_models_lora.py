@@ -47,7 +47,7 @@ def test_two_adapters_start_equal_and_as_the_base(policy, batch):
     x, sigma, cond = batch
     with torch.no_grad():
         v_base = policy.velocity(policy.transformer, x, sigma, cond)
-    model = add_lora(policy, rank=4, alpha=8)
+    model = add_lora(policy, lora_rank=4, lora_alpha=8)
     n_layers = len(policy.transformer.transformer_blocks)
     params = trainable_parameters(model, "default")
     assert len(params) == n_layers * 2 * 4 * 2  # attn1 + attn2, to_q/k/v/out.0, lora_A + lora_B
@@ -65,7 +65,7 @@ def test_two_adapters_start_equal_and_as_the_base(policy, batch):
 
 def test_switching_restores_adapter_and_requires_grad(policy, batch):
     x, sigma, cond = batch
-    model = add_lora(policy, rank=4, alpha=8)
+    model = add_lora(policy, lora_rank=4, lora_alpha=8)
     _perturb(model, "default", seed=1)
     _perturb(model, "old", seed=2)
     flags = [p.requires_grad for p in model.parameters()]
@@ -86,7 +86,7 @@ def test_switching_restores_adapter_and_requires_grad(policy, batch):
 
 def test_gradients_reach_only_the_trained_adapter(policy, batch):
     x, sigma, cond = batch
-    model = add_lora(policy, rank=4, alpha=8)
+    model = add_lora(policy, lora_rank=4, lora_alpha=8)
     _perturb(model, "old", seed=3)
     with torch.no_grad(), use_adapter(model, "old"):
         v_old = policy.velocity(model, x, sigma, cond)
@@ -104,7 +104,7 @@ def test_gradients_reach_only_the_trained_adapter(policy, batch):
 
 
 def test_adapter_state_round_trip_and_errors(policy):
-    model = add_lora(policy, rank=4, alpha=8)
+    model = add_lora(policy, lora_rank=4, lora_alpha=8)
     _perturb(model, "default", seed=5)
     state = adapter_state(model, "default")
     assert all(".default." not in k and ".old." not in k for k in state)
@@ -119,7 +119,7 @@ def test_adapter_state_round_trip_and_errors(policy):
 
 def test_inference_copy_is_separate_and_refresh_is_in_place(policy, batch):
     x, sigma, cond = batch
-    model = add_lora(policy, rank=4, alpha=8)
+    model = add_lora(policy, lora_rank=4, lora_alpha=8)
     _perturb(model, "old", seed=6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     copy = make_inference_copy(policy, "old")

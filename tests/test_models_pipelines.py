@@ -138,7 +138,7 @@ def test_noise_depends_only_on_seed(policies):
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_merged_old_adapter_matches_peft_model(fam, saved):
     policy = load_policy(str(saved[fam]), **SETTINGS)
-    model = add_lora(policy, rank=4, alpha=8)
+    model = add_lora(policy, lora_rank=4, lora_alpha=8)
     torch.manual_seed(3)
     state = {k: v + 0.05 * torch.randn_like(v) for k, v in adapter_state(model, "default").items()}
     load_adapter_state(model, "old", state)

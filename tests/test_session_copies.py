@@ -7,9 +7,10 @@ import torch
 from model_factories import build_sana, save_pipeline
 
 from solrl_core.models import adapter_state, load_adapter_state, load_policy
-from solrl_core.models.lora import lora_layers
+from solrl_core.models.lora import SAMPLING, lora_layers
 from solrl_core.quant.layers import QuantizedLayer
-from solrl_core.train.session import SAMPLING, SessionConfig, TrainingSession
+from solrl_core.train.session import TrainingSession
+from solrl_core.train.settings import RequantizeSettings, SessionConfig
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -36,7 +37,7 @@ def _move_sampling_weights(session: TrainingSession) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("backend", ["emulated", "cpu_int8"])
 def test_lora_refresh_equals_quantizing_a_fresh_merged_copy(folder, tmp_path, backend):
     session = _session(folder, tmp_path / "a")
-    first = session.refresh_copies(backend, min_dim=0)
+    first = session.refresh_copies(RequantizeSettings(backend, min_dim=0))
     before = _weights(first.explorer)
     refreshed_layers = []
     for name, layer in first.explorer.named_modules():
@@ -45,11 +46,11 @@ def test_lora_refresh_equals_quantizing_a_fresh_merged_copy(folder, tmp_path, ba
     model = session.policy.transformer
     moved = _move_sampling_weights(session)
     session.iteration += 1
-    refreshed = _weights(session.refresh_copies(backend, min_dim=0).explorer)
+    refreshed = _weights(session.refresh_copies(RequantizeSettings(backend, min_dim=0)).explorer)
 
     other = _session(folder, tmp_path / "b")
     load_adapter_state(other.policy.transformer, SAMPLING, moved)
-    fresh = _weights(other.refresh_copies(backend, min_dim=0).explorer)  # quantized from scratch
+    fresh = _weights(other.refresh_copies(RequantizeSettings(backend, min_dim=0)).explorer)  # quantized from scratch
 
     assert refreshed.keys() == fresh.keys() and any(k.startswith("quantized:") for k in fresh)
     assert [k for k in fresh if not torch.equal(refreshed[k], fresh[k])] == []
@@ -62,13 +63,13 @@ def test_lora_refresh_equals_quantizing_a_fresh_merged_copy(folder, tmp_path, ba
 
 def test_full_finetune_requantizes_the_whole_explorer(folder, tmp_path):
     session = _session(folder, tmp_path / "a", full_finetune=True)
-    before = _weights(session.refresh_copies("emulated", min_dim=0).explorer)
+    before = _weights(session.refresh_copies(RequantizeSettings("emulated", min_dim=0)).explorer)
     moved = _move_sampling_weights(session)
     session.iteration += 1
-    refreshed = _weights(session.refresh_copies("emulated", min_dim=0).explorer)
+    refreshed = _weights(session.refresh_copies(RequantizeSettings("emulated", min_dim=0)).explorer)
     other = _session(folder, tmp_path / "b", full_finetune=True)
     load_adapter_state(other.policy.transformer, SAMPLING, moved)
-    fresh = _weights(other.refresh_copies("emulated", min_dim=0).explorer)
+    fresh = _weights(other.refresh_copies(RequantizeSettings("emulated", min_dim=0)).explorer)
     assert [k for k in fresh if not torch.equal(refreshed[k], fresh[k])] == []
     changed = [k for k in fresh if not torch.equal(refreshed[k], before[k])]
     assert sum(k.startswith("quantized:") for k in changed) == sum(k.startswith("quantized:") for k in fresh)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from solrl_core.models import load_policy
-from solrl_core.models.tiny import WEIGHTS_DIR, TinyModel, build_tokenizer
+from solrl_core.models.loading import EMBEDDED_DIR
+from solrl_core.models.tiny import TinyModel, build_tokenizer
 from solrl_core.models.tiny.evaluate import evaluate, weights_size_bytes
 from solrl_core.models.tiny.train import TrainConfig, train
 from solrl_core.sampling import sample
@@ -40,10 +41,10 @@ def test_tokenizer_gives_one_token_per_word(tmp_path):
 
 
 def test_shipped_weights_load_and_are_small(policy):
-    assert (WEIGHTS_DIR / "model_index.json").is_file()
-    index = json.loads((WEIGHTS_DIR / "model_index.json").read_text())
+    assert (EMBEDDED_DIR / "model_index.json").is_file()
+    index = json.loads((EMBEDDED_DIR / "model_index.json").read_text())
     assert index["vae"] == [None, None] and index["transformer"][1] == "SanaTransformer2DModel"
-    assert weights_size_bytes(WEIGHTS_DIR) <= MAX_WEIGHT_BYTES
+    assert weights_size_bytes(EMBEDDED_DIR) <= MAX_WEIGHT_BYTES
     assert policy.family == "sana" and policy.vae is None
     assert policy.latent_shape() == (3, 32, 32) and policy.complex_human_instruction == ()
     _check_word_tokens(policy.tokenizer)
@@ -62,7 +63,7 @@ def test_sampling_is_deterministic_per_seed(policy):
 
 
 def test_reference_sampler_matches_in_range(policy):
-    model = TinyModel.from_pretrained(WEIGHTS_DIR)
+    model = TinyModel.from_pretrained(EMBEDDED_DIR)
     from solrl_core.models.tiny import sample as tiny_sample
 
     x = tiny_sample(model, ["a yellow square"] * 4, [0, 1, 2, 3], steps=10)
@@ -73,7 +74,7 @@ def test_reference_sampler_matches_in_range(policy):
 
 
 def test_acceptance_single_objects_followed_compositions_leave_room():
-    results, _ = evaluate(WEIGHTS_DIR, n=64, steps=10)
+    results, _ = evaluate(EMBEDDED_DIR, n=64, steps=10)
     single = results["single"].pass_rate
     assert single >= 0.6
     for kind in ("count", "relation"):

@@ -146,8 +146,8 @@ def test_baselines_run_and_log_the_same_metrics(tmp_path, model_dir, name):
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    ({"keep": 8, "candidates": 6}, "K must be <= N"),
-    ({"keep": 3}, "K must be even"),
+    ({"SolRLProxyRewardRanker.keep": 8, "SolRLFP4Sampler.candidates": 6}, "K must be <= N"),
+    ({"SolRLProxyRewardRanker.keep": 3}, "K must be even"),
     ({"model": "/no/such/model"}, "does not exist"),
     ({"reward": "hpsv2"}, "hpsv2"),
     ({"reward": "nope:1"}, "unknown reward 'nope'"),
@@ -155,9 +155,15 @@ def test_baselines_run_and_log_the_same_metrics(tmp_path, model_dir, name):
 ])
 def test_bad_settings_fail_before_compute(tmp_path, model_dir, capsys, overrides, fragment, monkeypatch):
     monkeypatch.setenv("SOLRL_MODELS_DIR", str(tmp_path / "no_models"))
-    recipe = replace(SMALL, **{"model": model_dir, **overrides})
+    graph = training_graph(replace(SMALL, **{"model": model_dir, **{k: v for k, v in overrides.items() if "." not in k}}))
+    for key, value in overrides.items():  # node inputs a Recipe itself refuses (edited in the file)
+        if "." in key:
+            class_type, name = key.split(".")
+            next(e for e in graph.values() if e["class_type"] == class_type)["inputs"][name] = value
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(graph))
     run_dir = tmp_path / "run"
-    assert main([str(_workflow(tmp_path, recipe)), "--run-dir", str(run_dir)]) == 2
+    assert main([str(wf), "--run-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and fragment in err and "node " in err, err
     assert not run_dir.exists()

@@ -9,7 +9,7 @@ from solrl_core.train.audit import bottom_k_overlap, kendall_tau_b, ranking_agre
 from solrl_core.train.nft import nft_loss, noised
 from solrl_core.train.prompts import PromptCursor, load_prompts
 from solrl_core.train.schedules import blend_, ema_decay, old_decay
-from solrl_core.train.selection import check_sizes, select
+from solrl_core.train.selection import check_sizes, kept_indices
 
 
 def _loss_inputs(seed=0, b=4):
@@ -130,19 +130,19 @@ def test_advantages_clip_and_nan_samples():
 def test_selection_best_worst_with_ties_and_nan():
     proxy = torch.tensor([[0.5, 0.9, 0.1, 0.9, 0.1, 0.3]])
     # best 2: the two 0.9 (positions 1, 3); worst 2: the two 0.1 (positions 2, 4)
-    assert select(proxy, 4).tolist() == [[1, 2, 3, 4]]
+    assert kept_indices(proxy, 4).tolist() == [[1, 2, 3, 4]]
     # ties resolved by position: best 1 of the 0.9s is position 1, worst 1 of the 0.1s is position 2
-    assert select(proxy, 2).tolist() == [[1, 2]]
+    assert kept_indices(proxy, 2).tolist() == [[1, 2]]
     nan = torch.tensor([[float("nan"), 0.2, 0.8, 0.5]])
-    assert select(nan, 2).tolist() == [[1, 2]]  # NaN is neither best nor worst while finite ones remain
-    assert select(nan, 4).tolist() == [[0, 1, 2, 3]]
+    assert kept_indices(nan, 2).tolist() == [[1, 2]]  # NaN is neither best nor worst while finite ones remain
+    assert kept_indices(nan, 4).tolist() == [[0, 1, 2, 3]]
 
 
 def test_selection_other_modes_and_invalid_sizes():
     proxy = torch.tensor([[0.0, 1.0, 0.45, 0.55, 0.9]])
-    assert select(proxy, 2, "mean_deviation").tolist() == [[0, 1]]
+    assert kept_indices(proxy, 2, "mean_deviation").tolist() == [[0, 1]]
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert select(proxy, 3, "random", g1).tolist() == select(proxy, 3, "random", g2).tolist()
+    assert kept_indices(proxy, 3, "random", g1).tolist() == kept_indices(proxy, 3, "random", g2).tolist()
     with pytest.raises(ValueError, match="K must be <= N"):
         check_sizes(4, 6, "best_worst")
     with pytest.raises(ValueError, match="K must be even"):

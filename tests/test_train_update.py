@@ -7,10 +7,12 @@ import torch
 from model_factories import build_sana, save_pipeline
 
 from solrl_core.models import adapter_state, adapters_disabled, load_adapter_state, load_policy, use_adapter
+from solrl_core.models.lora import SAMPLING, TRAINED
 from solrl_core.sampling import sample
 from solrl_core.train.samples import SampleBatch
-from solrl_core.train.session import SAMPLING, TRAINED, SessionConfig, TrainingSession
-from solrl_core.train.stages import UpdateSettings, regenerate, update
+from solrl_core.train.session import TrainingSession
+from solrl_core.train.settings import RegenerateSettings, RequantizeSettings, SessionConfig, UpdateSettings
+from solrl_core.train.stages import regenerate, update
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -91,10 +93,11 @@ def test_zero_learning_rate_moves_only_the_sampling_blend_and_copies_follow_it(f
     session.iteration = 499
     seeds = torch.tensor([[11, 12], [13, 14]])
     for _ in range(2):
-        session.refresh_copies("none")  # built on the first pass, refreshed in place on the second
+        # Built on the first pass, refreshed in place on the second.
+        session.refresh_copies(RequantizeSettings(backend="none"))
         kept = SampleBatch(session, list(PROMPTS), seeds, torch.zeros(2, 2, 3, 8, 8), torch.zeros(2, 2), steps=3,
                            prompt_ids=[0, 1])
-        out = regenerate(kept, MeanBrightness(), steps=3)
+        out = regenerate(kept, MeanBrightness(), RegenerateSettings(steps=3))
         torch.testing.assert_close(out.latents, _sampled_through(session, SAMPLING, seeds, 3), rtol=0, atol=1e-5)
         for other in (TRAINED, "base"):  # a copy of the wrong weights would be this far off
             assert (out.latents - _sampled_through(session, other, seeds, 3)).abs().max() > 1e-2, other

@@ -91,13 +91,13 @@ def validate(api: Any, source: str = "workflow") -> ApiGraph:
 
     for nid, entry in graph.items():
         spec = specs[nid]
-        if spec.validate is not None:
+        if spec.validate is not None or spec.settings is not None:
             literals = {k: v for k, v in entry["inputs"].items() if not is_link(v)}
             linked = {k: {"class_type": graph[v[0]]["class_type"],
                           **{n: x for n, x in graph[v[0]]["inputs"].items() if not is_link(x)}}
                       for k, v in entry["inputs"].items() if is_link(v)}
             try:
-                spec.validate(literals, linked)
+                spec.check(literals, linked)
             except InputError as e:
                 raise _err(str(e), source, nid, entry, e.input_name) from None
             except (FileNotFoundError, ValueError) as e:

@@ -109,9 +109,6 @@ class FlowPolicy:
                 self._prompt_cache[p] = self._encode_uncached(p).to(self.device)
         return Conditioning.cat([self._prompt_cache[p] for p in prompts])
 
-    def clear_prompt_cache(self) -> None:
-        self._prompt_cache.clear()
-
     def _encode_uncached(self, prompt: str) -> Conditioning:
         raise NotImplementedError
 
@@ -132,10 +129,6 @@ class FlowPolicy:
     def velocity(self, model: nn.Module, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         raise NotImplementedError
 
-    def x0_from_velocity(self, x: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
-        """x0 = x_t - sigma * v (the clean-sample prediction)."""
-        return x - _per_sample(sigma, x) * v
-
     def decode(self, latents: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -145,14 +138,6 @@ class FlowPolicy:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(family={self.family!r}, source={self.source!r}, "
                 f"device={self.device}, dtype={self.dtype}, resolution={self.resolution})")
-
-
-def _per_sample(sigma: Tensor, x: Tensor) -> Tensor:
-    """Broadcast a per-sample [B] (or scalar) sigma against x [B, ...]."""
-    sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
-    if sigma.ndim == 0:
-        return sigma
-    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def batch_sigma(sigma: Tensor | float, batch: int, device: torch.device) -> Tensor:

@@ -29,13 +29,13 @@ TRAINED, SAMPLING, BASE = "default", "old", "base"
 _FULL_ATTR = "_solrl_full_copies"  # {"old": {param name: tensor}, "base": {...}} in full fine-tuning
 
 
-def add_lora(policy: FlowPolicy, rank: int = 32, alpha: float = 64, init: str | bool = "gaussian",
+def add_lora(policy: FlowPolicy, lora_rank: int = 32, lora_alpha: float = 64, init: str | bool = "gaussian",
              target_modules: Sequence[str] | None = None, dropout: float = 0.0,
              full_finetune: bool = False) -> nn.Module:
     """Make `policy.transformer` trainable; returns it. "default" is active and trainable.
 
     target_modules: module-name suffixes (peft semantics); default `policy.lora_target_modules`.
-    init: peft's init_lora_weights ("gaussian": A ~ N(0, 1/rank), B = 0, so the adapters start as
+    init: peft's init_lora_weights ("gaussian": A ~ N(0, 1/lora_rank), B = 0, so the adapters start as
     the identity and the policy equals the base model).
     """
     model = policy.transformer
@@ -47,7 +47,7 @@ def add_lora(policy: FlowPolicy, rank: int = 32, alpha: float = 64, init: str | 
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = list(target_modules or policy.lora_target_modules)
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=targets,
+    config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights=init, target_modules=targets,
                         lora_dropout=dropout)
     model.requires_grad_(False)
     inject_adapter_in_model(config, model, adapter_name=TRAINED)

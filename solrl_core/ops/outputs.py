@@ -7,10 +7,11 @@ from PIL import Image
 
 from ..runtime import distributed as dp
 from ..runtime.context import current_context
+from ..runtime.metrics import metrics_log
 from ..train.report import metrics_plot, preview_grid
 from .registry import register
 from .spec import Input, OpSpec, Output
-from .training import CAT, SAMPLES, TRAINER
+from .training import CAT, SAMPLES, SESSION
 
 
 def to_comfy_image(img: Image.Image) -> torch.Tensor:
@@ -26,12 +27,13 @@ def _ui(img: Image.Image, path) -> dict:
 
 def preview_op(samples, max_prompts: int = 4, scale: int = 4) -> dict:
     session = samples.session
-    if not dp.is_main() or not samples.prompts:  # files are written by rank 0; nothing when the run is done
+    if not dp.is_main() or not samples.prompts:  # files are written by process 0; nothing when the run is done
         return {"result": (samples, torch.zeros(1, 1, 1, 3))}
     grid = preview_grid(samples, max_prompts=max_prompts, scale=scale)
     path = session.run_dir / "previews" / f"iter-{session.iteration:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
+    metrics_log(session.run_dir).image("previews", grid, session.iteration)
     return {"ui": _ui(grid, path), "result": (samples, to_comfy_image(grid))}
 
 
@@ -52,11 +54,11 @@ register(OpSpec(
 ))
 
 
-def plot_metrics_op(trainer, metric: str = "reward_mean") -> dict:
+def plot_metrics_op(session, metric: str = "reward_mean") -> dict:
     if not dp.is_main():
         return {"result": (torch.zeros(1, 1, 1, 3),)}
-    img = metrics_plot(trainer.metrics, metric)
-    path = trainer.run_dir / f"{metric}.png"
+    img = metrics_plot(session.metrics, metric)
+    path = session.run_dir / f"{metric}.png"
     img.save(path)
     return {"ui": _ui(img, path), "result": (to_comfy_image(img),)}
 
@@ -66,7 +68,7 @@ register(OpSpec(
     description="Plots a metric of the run over iterations (regenerated and draft rewards by default) "
                 "and writes it next to the run's metrics.",
     inputs=(
-        Input("trainer", TRAINER),
+        Input("session", SESSION),
         Input("metric", "STRING", "reward_mean", optional=True),
     ),
     outputs=(Output("image", "IMAGE"),),
@@ -76,14 +78,14 @@ register(OpSpec(
 ))
 
 
-def save_lora_op(trainer, weights: str = "ema", filename: str = "sol_rl_lora") -> dict:
+def save_lora_op(session, weights: str = "ema", filename: str = "sol_rl_lora") -> dict:
     from ..train.export import save_lora
 
     if not dp.is_main():
-        return {"result": (trainer, "")}
-    paths = save_lora(trainer, weights, filename)
+        return {"result": (session, "")}
+    paths = save_lora(session, weights, filename)
     current_context().status("saved " + ", ".join(str(p) for p in paths))
-    return {"ui": {"text": [str(p) for p in paths]}, "result": (trainer, str(paths[0]))}
+    return {"ui": {"text": [str(p) for p in paths]}, "result": (session, str(paths[0]))}
 
 
 register(OpSpec(
@@ -92,11 +94,11 @@ register(OpSpec(
                 "diffusers / peft format (load_lora_weights) and ComfyUI's LoRA-loader format, with the "
                 "base model, iteration and rewards in the metadata.",
     inputs=(
-        Input("trainer", TRAINER),
+        Input("session", SESSION),
         Input("weights", "COMBO", "ema", choices=("ema", "default", "old")),
         Input("filename", "STRING", "sol_rl_lora"),
     ),
-    outputs=(Output("trainer", TRAINER), Output("path", "STRING")),
+    outputs=(Output("session", SESSION), Output("path", "STRING")),
     function=save_lora_op,
     output_node=True,
     always_run=True,

@@ -6,10 +6,11 @@ positional `widgets_values` of a node are mapped to input names in spec order).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
+
+from ..runtime.settings import Bounds, SettingError, bounds_of, check_value, default_of, kind_of
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 ANY = "*"
@@ -46,32 +47,24 @@ class Input:
 
     def check(self, value: Any) -> Any:
         """Validate (and normalise) a literal widget value; raises InputError naming the input."""
-        name = self.name
-        if self.type in ("INT", "FLOAT"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                kind = "an integer" if self.type == "INT" else "a number"
-                raise InputError(name, f"expected {kind}, got {value!r}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise InputError(name, f"expected a finite number, got {value!r}")
-            if self.min is not None and value < self.min:
-                raise InputError(name, f"{value:g} is below the minimum {self.min:g}")
-            if self.max is not None and value > self.max:
-                raise InputError(name, f"{value:g} is above the maximum {self.max:g}")
-            if self.type == "INT":
-                if isinstance(value, float) and not value.is_integer():
-                    raise InputError(name, f"expected an integer, got {value!r}")
-                return int(value)
-            return float(value)
-        if self.type == "BOOLEAN" and not isinstance(value, bool):
-            raise InputError(name, f"expected true or false, got {value!r}")
-        if self.type == "STRING" and not isinstance(value, str):
-            raise InputError(name, f"expected a string, got {value!r}")
-        if self.type == "COMBO" and self.choices_from:
-            if not isinstance(value, str) or not value:
-                raise InputError(name, f"expected a name or path, got {value!r}")
-        elif self.type == "COMBO" and value not in self.choices:
-            raise InputError(name, f"{value!r} is not one of {list(self.choices)}")
-        return value
+        bounds = Bounds(self.min, self.max, choices=self.choices)
+        try:
+            return check_value(value, _KINDS[self.type], bounds, open_choices=bool(self.choices_from))
+        except ValueError as e:
+            raise InputError(self.name, str(e)) from None
+
+    @classmethod
+    def of(cls, settings: type, name: str, **overrides: Any) -> Input:
+        """The input for field `name` of a settings class: its type, default, bounds and help as declared
+        there (runtime.settings), so the node and the Python API cannot drift apart."""
+        b, kind = bounds_of(settings, name), kind_of(settings, name)
+        type_ = {int: "INT", float: "FLOAT", bool: "BOOLEAN"}.get(kind) or ("COMBO" if b.choices else "STRING")
+        spec = dict(default=default_of(settings, name), min=b.min, max=b.max, step=b.step, choices=b.choices,
+                    tooltip=b.help)
+        return cls(name, type_, **{**spec, **overrides})
+
+
+_KINDS = {"INT": int, "FLOAT": float, "BOOLEAN": bool, "STRING": str, "COMBO": str}
 
 
 @dataclass(frozen=True)
@@ -102,10 +95,25 @@ class OpSpec:
     # literal inputs and, per linked input, the source node's literals plus its "class_type"
     # (empty inside ComfyUI, which validates node by node). Raises InputError naming the input.
     validate: Callable[[dict[str, Any], dict[str, dict[str, Any]]], None] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # The settings class (runtime.settings) its widget inputs build: built from the literal inputs at
+    # validation, so its bounds and cross-field rules refuse a workflow before any compute.
+    settings: type | None = None
 
     def input(self, name: str) -> Input | None:
         return next((i for i in self.inputs if i.name == name), None)
+
+    def check(self, literals: dict[str, Any], linked: dict[str, dict[str, Any]]) -> None:
+        """Checks across inputs, before compute: the settings (with defaults for inputs that are
+        linked or absent), then the `validate` hook. Raises InputError (or ValueError /
+        FileNotFoundError from the hook)."""
+        if self.settings is not None:
+            names = {f.name for f in fields(self.settings)}
+            try:
+                self.settings(**{k: v for k, v in literals.items() if k in names})
+            except SettingError as e:
+                raise InputError(e.name, e.detail) from None
+        if self.validate is not None:
+            self.validate(literals, linked)
 
     @property
     def widgets(self) -> tuple[Input, ...]:

@@ -2,20 +2,36 @@
 BF16 Regenerator and NFT Update. Thin: the work is in solrl_core.train."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..quant import BACKENDS
+from ..runtime import distributed as dp
 from ..runtime.context import MODEL_FOLDER_KINDS, REWARD_FOLDER_KINDS, current_context
 from ..runtime.files import check_writable
+from ..runtime.metrics import metrics_log
+from ..runtime.settings import SettingError
+from ..runtime.sinks import TensorBoardSink
+from ..train.settings import (
+    EvaluateSettings,
+    ExploreSettings,
+    RegenerateSettings,
+    RequantizeSettings,
+    SelectSettings,
+    SessionConfig,
+    UpdateSettings,
+)
 from .registry import register
 from .spec import Input, InputError, OpSpec, Output
 
 POLICY, REWARD, PROMPTS = "SOLRL_POLICY", "SOLRL_REWARD", "SOLRL_PROMPTS"
-TRAINER, SAMPLES = "SOLRL_TRAINER", "SOLRL_SAMPLES"
+SESSION, SAMPLES = "SOLRL_SESSION", "SOLRL_SAMPLES"
 CAT = "Sol-RL"
+# NFT Update's required widgets, in their order on the node (the AdamW betas and epsilon stay at
+# the reference's values and are set from Python only).
+NFT_UPDATE_INPUTS = ("lr", "beta", "kl_coef", "train_fraction", "grad_clip", "micro_batch")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -153,6 +169,8 @@ register(OpSpec(
 
 # --- Training Run -----------------------------------------------------------------------------
 def _check_run(inputs: dict[str, Any], linked: dict[str, dict]) -> None:
+    if inputs.get("log_to") == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise InputError("log_to", 'TensorBoard logging needs the tensorboard package: pip install -e ".[tensorboard]"')
     ctx = current_context()
     run_dir = ctx.run_dir or ctx.runs_root / inputs.get("run_name", "sol_rl")
     try:
@@ -173,16 +191,18 @@ def _check_run(inputs: dict[str, Any], linked: dict[str, dict]) -> None:
             raise InputError("held_out", str(e)) from None
 
 
-def training_run_op(policy, prompts: list[str], run_name: str, mode: str, seed: int, total_iterations: int,
-                    lora_rank: int, lora_alpha: float, full_finetune: bool, held_out: int = 0) -> tuple:
-    from ..train.session import SessionConfig, open_session
+def training_run_op(policy, prompts: list[str], run_name: str, mode: str, log_to: str = "metrics.jsonl",
+                    **settings) -> tuple:
+    from ..train.session import open_session
 
     ctx = current_context()
     run_dir = ctx.run_dir or ctx.runs_root / run_name
-    config = SessionConfig(seed=seed, total_iterations=total_iterations, lora_rank=lora_rank,
-                           lora_alpha=lora_alpha, full_finetune=full_finetune, held_out=held_out)
+    config = SessionConfig(**settings)
     session = open_session(Path(run_dir), policy, prompts, config, mode=mode)
-    ctx.status(f"run {run_dir}: iteration {session.iteration} of {total_iterations}")
+    log = metrics_log(run_dir)
+    if log_to == "tensorboard" and dp.is_main() and not log.has_sink(TensorBoardSink):
+        log.add_sink(TensorBoardSink(run_dir))
+    ctx.status(f"run {run_dir}: iteration {session.iteration} of {config.total_iterations}")
     return (session,)
 
 
@@ -197,30 +217,28 @@ register(OpSpec(
         Input("run_name", "STRING", "sol_rl", tooltip="Folder under the runs directory (headless: --run-dir wins)."),
         Input("mode", "COMBO", "continue", choices=("continue", "new"),
               tooltip="continue: resume from the latest checkpoint if there is one; new: start over."),
-        Input("seed", "INT", 0, min=0, max=2**31 - 1, seed=True, tooltip="Fixes every random draw of the run."),
-        Input("total_iterations", "INT", 100, min=1, max=10**7, tooltip="The run ends after this many iterations."),
-        Input("lora_rank", "INT", 32, min=1, max=1024),
-        Input("lora_alpha", "FLOAT", 64.0, min=0.0, max=4096.0),
-        Input("full_finetune", "BOOLEAN", False, tooltip="Train every weight instead of LoRA (small models)."),
-        Input("held_out", "INT", 0, min=0, max=10**6, optional=True,
-              tooltip="Prompts of the set kept out of training (a split seeded by 'seed'), scored by the "
-                      "Held-out Reward node; 0: none."),
+        Input.of(SessionConfig, "seed", seed=True),
+        *(Input.of(SessionConfig, name) for name in ("total_iterations", "lora_rank", "lora_alpha", "full_finetune")),
+        Input("log_to", "COMBO", "metrics.jsonl", choices=("metrics.jsonl", "tensorboard"), optional=True,
+              tooltip="tensorboard: also write every metrics row and the previews as TensorBoard event files "
+                      "in the run's tensorboard/ folder (needs the tensorboard package)."),
+        Input.of(SessionConfig, "held_out", optional=True),
     ),
-    outputs=(Output("trainer", TRAINER),),
+    outputs=(Output("session", SESSION),),
     function=training_run_op,
     always_run=True,  # re-queueing must continue training, never replay a cached result
     validate=_check_run,
+    settings=SessionConfig,
     trains=True,  # creates the trainable adapters
 ))
 
 
 # --- Requantize -------------------------------------------------------------------------------
-def requantize_op(trainer, backend: str, min_dim: int = -1, weight_tile: str = "16x16") -> tuple:
-    tile = (16, 16) if weight_tile == "16x16" else (1, 16)
-    copies = trainer.refresh_copies(backend, None if min_dim < 0 else min_dim, tile)
-    current_context().status(f"iteration {trainer.iteration}: explorer backend {copies.backend} "
+def requantize_op(session, **settings) -> tuple:
+    copies = session.refresh_copies(RequantizeSettings(**settings))
+    current_context().status(f"iteration {session.iteration}: explorer backend {copies.backend} "
                              f"({copies.backend_reason})")
-    return (trainer,)
+    return (session,)
 
 
 register(OpSpec(
@@ -229,24 +247,23 @@ register(OpSpec(
                 "low-precision explorer copy (NVFP4 W4A4 emulated / Transformer Engine NVFP4 on Blackwell / "
                 "FP8 on Hopper / CPU int8). 'none' keeps only the full-precision copy.",
     inputs=(
-        Input("trainer", TRAINER),
-        Input("backend", "COMBO", "auto", choices=("auto", *[b for b in BACKENDS if b != "auto"])),
-        Input("min_dim", "INT", -1, min=-1, max=1 << 20, optional=True,
-              tooltip="Skip layers with max(in, out) <= this; -1: the model family's default."),
-        Input("weight_tile", "COMBO", "16x16", choices=("16x16", "1x16"), optional=True),
+        Input("session", SESSION),
+        Input.of(RequantizeSettings, "backend"),
+        Input.of(RequantizeSettings, "min_dim", optional=True),
+        Input.of(RequantizeSettings, "weight_tile", optional=True),
     ),
-    outputs=(Output("trainer", TRAINER),),
+    outputs=(Output("session", SESSION),),
     function=requantize_op,
     always_run=True,
+    settings=RequantizeSettings,
 ))
 
 
 # --- FP4 Sampler ------------------------------------------------------------------------------
-def fp4_sampler_op(trainer, reward, prompts_per_iteration: int, candidates: int, steps: int,
-                   precision: str = "low", batch_size: int = 32) -> tuple:
+def fp4_sampler_op(session, reward, **settings) -> tuple:
     from ..train.stages import explore
 
-    return (explore(trainer, reward, prompts_per_iteration, candidates, steps, precision, batch_size),)
+    return (explore(session, reward, ExploreSettings(**settings)),)
 
 
 register(OpSpec(
@@ -254,42 +271,34 @@ register(OpSpec(
     description="Stage 1, explore: draws N seeds for each of P prompts and generates them with the "
                 "low-precision explorer in few steps (no CFG), then scores them with the proxy reward.",
     inputs=(
-        Input("trainer", TRAINER),
+        Input("session", SESSION),
         Input("reward", REWARD, tooltip="Proxy reward (used only for ranking)."),
-        Input("prompts_per_iteration", "INT", 48, min=1, max=4096),
-        Input("candidates", "INT", 96, min=1, max=4096, tooltip="N: drafts per prompt."),
-        Input("steps", "INT", 6, min=1, max=1000, tooltip="D: draft ODE steps."),
-        Input("precision", "COMBO", "low", choices=("low", "full"), optional=True,
-              tooltip="full: sample with the full-precision copy (naive scaling / DiffusionNFT baselines)."),
-        Input("batch_size", "INT", 32, min=1, max=4096, optional=True, tooltip="Micro-batch for sampling."),
+        *(Input.of(ExploreSettings, name) for name in ("prompts_per_iteration", "candidates", "steps")),
+        *(Input.of(ExploreSettings, name, optional=True) for name in ("precision", "batch_size")),
     ),
     outputs=(Output("drafts", SAMPLES),),
     function=fp4_sampler_op,
     always_run=True,
+    settings=ExploreSettings,
 ))
 
 
 # --- Proxy Reward Ranker ----------------------------------------------------------------------
 def _check_ranker(inputs: dict[str, Any], linked: dict[str, dict]) -> None:
-    from ..train.selection import check_sizes
-
+    """K against the pool size N of the FP4 Sampler feeding it (K's own rules ran as settings)."""
     drafts = linked.get("drafts", {})
-    pool = drafts.get("candidates") if drafts.get("class_type") == "SolRLFP4Sampler" else None
-    try:
-        check_sizes(pool if pool is not None else inputs["keep"], inputs["keep"], inputs["mode"])
-    except ValueError as e:
-        raise InputError("keep", str(e)) from None
+    if drafts.get("class_type") == "SolRLFP4Sampler" and "candidates" in drafts:
+        try:
+            kept = SelectSettings(**{k: v for k, v in inputs.items() if k in ("keep", "mode")})
+            kept.check(candidates=drafts["candidates"])
+        except SettingError as e:
+            raise InputError(e.name, e.detail) from None
 
 
-def ranker_op(drafts, keep: int, mode: str) -> tuple:
-    from ..train.selection import check_sizes
-    from ..train.stages import rank
+def ranker_op(drafts, **settings) -> tuple:
+    from ..train.stages import select
 
-    try:
-        check_sizes(drafts.shape[1], keep, mode)
-    except ValueError as e:
-        raise InputError("keep", str(e)) from None
-    return (rank(drafts, keep, mode),)
+    return (select(drafts, SelectSettings(**settings)),)
 
 
 register(OpSpec(
@@ -299,21 +308,21 @@ register(OpSpec(
                 "that could not be scored are kept only if too few others remain.",
     inputs=(
         Input("drafts", SAMPLES),
-        Input("keep", "INT", 24, min=1, max=4096, tooltip="K: samples kept per prompt."),
-        Input("mode", "COMBO", "best_worst", choices=("best_worst", "mean_deviation", "random")),
+        Input.of(SelectSettings, "keep"),
+        Input.of(SelectSettings, "mode"),
     ),
     outputs=(Output("kept", SAMPLES),),
     function=ranker_op,
     validate=_check_ranker,
+    settings=SelectSettings,
 ))
 
 
 # --- BF16 Regenerator -------------------------------------------------------------------------
-def regenerator_op(kept, reward, steps: int, batch_size: int = 32, audit_every: int = 0,
-                   audit_size: int = 16) -> tuple:
+def regenerator_op(kept, reward, **settings) -> tuple:
     from ..train.stages import regenerate
 
-    return (regenerate(kept, reward, steps, batch_size, audit_every, audit_size),)
+    return (regenerate(kept, reward, RegenerateSettings(**settings)),)
 
 
 register(OpSpec(
@@ -325,22 +334,21 @@ register(OpSpec(
     inputs=(
         Input("kept", SAMPLES),
         Input("reward", REWARD),
-        Input("steps", "INT", 10, min=1, max=1000, tooltip="F: full ODE steps."),
-        Input("batch_size", "INT", 32, min=1, max=4096, optional=True),
-        Input("audit_every", "INT", 0, min=0, max=10**6, optional=True, tooltip="0: no ranking audit."),
-        Input("audit_size", "INT", 16, min=2, max=4096, optional=True, tooltip="Drafts per prompt audited."),
+        Input.of(RegenerateSettings, "steps"),
+        *(Input.of(RegenerateSettings, name, optional=True) for name in ("batch_size", "audit_every", "audit_size")),
     ),
     outputs=(Output("samples", SAMPLES),),
     function=regenerator_op,
     always_run=True,
+    settings=RegenerateSettings,
 ))
 
 
 # --- Evaluate ------------------------------------------------------------------------------
-def evaluate_op(samples, reward, steps: int, prompts: int, per_prompt: int, every: int) -> tuple:
+def evaluate_op(samples, reward, **settings) -> tuple:
     from ..train.stages import evaluate
 
-    return (evaluate(samples, reward, steps, prompts, per_prompt, every),)
+    return (evaluate(samples, reward, EvaluateSettings(**settings)),)
 
 
 register(OpSpec(
@@ -353,31 +361,25 @@ register(OpSpec(
     inputs=(
         Input("samples", SAMPLES),
         Input("reward", REWARD, tooltip="Often a different reward than the training one."),
-        Input("steps", "INT", 10, min=1, max=1000),
-        Input("prompts", "INT", 0, min=0, max=4096,
-              tooltip="How many of the run's held-out prompts (Training Run's held_out) to score; 0: all."),
-        Input("per_prompt", "INT", 4, min=1, max=1024, tooltip="Fixed seeds per prompt."),
-        Input("every", "INT", 1, min=0, max=10**6, tooltip="0: off."),
+        *(Input.of(EvaluateSettings, name) for name in ("steps", "prompts", "per_prompt", "every")),
     ),
     outputs=(Output("samples", SAMPLES),),
     function=evaluate_op,
     always_run=True,
+    settings=EvaluateSettings,
 ))
 
 
 # --- NFT Update -------------------------------------------------------------------------------
-def nft_update_op(samples, lr: float, beta: float, kl_coef: float, train_fraction: float, grad_clip: float,
-                  micro_batch: int, weight_decay: float = 1e-4) -> dict:
-    from ..train.stages import UpdateSettings, update
+def nft_update_op(samples, **settings) -> dict:
+    from ..train.stages import update
 
     session = samples.session
     if not samples.prompts:  # the run had already reached total_iterations
         text = f"run complete: {session.iteration}/{session.config.total_iterations} iterations"
         current_context().status(text)
         return {"ui": {"text": [text]}, "result": (session, True, text)}
-    settings = UpdateSettings(lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, beta=beta, kl_coef=kl_coef,
-                              train_fraction=train_fraction, micro_batch=micro_batch)
-    stats = update(samples, settings)
+    stats = update(samples, UpdateSettings(**settings))
     session.commit(stats)
     row = session.metrics[-1]
     text = (f"iteration {row['iteration'] + 1}/{session.config.total_iterations}: "
@@ -396,18 +398,13 @@ register(OpSpec(
                 "Saves the run state atomically; 'done' turns true at the run's last iteration.",
     inputs=(
         Input("samples", SAMPLES),
-        Input("lr", "FLOAT", 3e-4, min=0.0, max=1.0, step=1e-5),
-        Input("beta", "FLOAT", 1.0, min=1e-3, max=10.0, step=0.01, tooltip="NFT strength."),
-        Input("kl_coef", "FLOAT", 1e-4, min=0.0, max=10.0, step=1e-5, tooltip="KL to the base model (0: off)."),
-        Input("train_fraction", "FLOAT", 0.6, min=0.01, max=1.0, step=0.05,
-              tooltip="Share of the F rollout timesteps trained per sample (0.6 SANA / SD3.5, 0.4 FLUX.1)."),
-        Input("grad_clip", "FLOAT", 1.0, min=0.0, max=1e6, step=0.001),
-        Input("micro_batch", "INT", 8, min=1, max=4096, tooltip="Samples per forward pass (memory)."),
-        Input("weight_decay", "FLOAT", 1e-4, min=0.0, max=1.0, step=1e-5, optional=True),
+        *(Input.of(UpdateSettings, name) for name in NFT_UPDATE_INPUTS),
+        Input.of(UpdateSettings, "weight_decay", optional=True),
     ),
-    outputs=(Output("trainer", TRAINER), Output("done", "BOOLEAN"), Output("status", "STRING")),
+    outputs=(Output("session", SESSION), Output("done", "BOOLEAN"), Output("status", "STRING")),
     function=nft_update_op,
     output_node=True,
     always_run=True,
     trains=True,
+    settings=UpdateSettings,
 ))

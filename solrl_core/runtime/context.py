@@ -49,7 +49,6 @@ class RunContext:
     # Extra folders to look for model / reward files in, by kind ("checkpoints", "solrl_rewards").
     search_dirs: dict[str, list[str]] = field(default_factory=dict)
     interrupt_event: threading.Event = field(default_factory=threading.Event)
-    resume: bool = True
 
     # --- interruption -------------------------------------------------------------------
     def check_interrupt(self) -> None:
@@ -72,10 +71,6 @@ class RunContext:
     def show_image(self, image: Any, name: str) -> dict[str, str] | None:
         """Make an image visible in the host's UI; returns the host's reference to it (or None)."""
         return None
-
-    def list_models(self, kind: str) -> list[str]:
-        """Names of models the host offers for a folder kind (ComfyUI's model folders)."""
-        return []
 
     # --- run directory ------------------------------------------------------------------
     def require_run_dir(self) -> Path:

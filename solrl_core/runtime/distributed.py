@@ -1,8 +1,9 @@
 """Data parallelism over torch.distributed (gloo on CPU, NCCL on GPUs), started by torchrun.
 
-Each rank takes every world-th prompt of an iteration; the seeds, timesteps and noise of a sample
-depend only on its global position, so N ranks compute the same samples one process would. Group
-statistics (advantage std, metrics) and gradients are summed across ranks; rank 0 writes files.
+Each process takes every world_size-th prompt of an iteration; the seeds, timesteps and noise of a
+sample depend only on its global position, so N processes compute the same samples one process would.
+Group statistics (advantage std, metrics) and gradients are summed across processes; process 0 writes
+files. ("Process index" is torch.distributed's rank; the word rank is kept for LoRA.)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank() -> int:
+def process_index() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
@@ -26,7 +27,7 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
-    return rank() == 0
+    return process_index() == 0
 
 
 def init_from_env() -> bool:
@@ -42,19 +43,19 @@ def init_from_env() -> bool:
 
 
 def local_rows(count: int) -> list[int]:
-    """This rank's share of `count` rows (prompts): rank, rank + world, ..."""
-    return list(range(rank(), count, world_size()))
+    """This process's share of `count` rows (prompts): index, index + world_size, ..."""
+    return list(range(process_index(), count, world_size()))
 
 
 def sum_(value: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (in place when distributed); returns it."""
+    """Sum a tensor over processes (in place when distributed); returns it."""
     if is_distributed():
         dist.all_reduce(value)
     return value
 
 
 def gather_cat(values: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor's rows from every rank (rank order)."""
+    """Concatenate a tensor's rows from every process (in process order)."""
     if not is_distributed():
         return values
     parts: list[Any] = [None] * world_size()
@@ -63,7 +64,7 @@ def gather_cat(values: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast(value: Any) -> Any:
-    """Rank 0's value on every rank (e.g. the run directory name)."""
+    """Process 0's value on every process (e.g. the run directory name)."""
     if not is_distributed():
         return value
     box = [value]

@@ -3,7 +3,7 @@
 Every row of a run goes through `metrics_log(run_dir)`: an iteration's metrics from the training
 session, a Log Metric node's value. A row is one JSON object on one line, flushed and fsynced, so a
 SIGKILL loses no row already written and leaves at most a torn last line, which the next append cuts
-off. Only the main process (torch.distributed rank 0) writes. Sinks attached to the log (event files
+off. Only the main process (process 0 under torch.distributed) writes. Sinks attached to the log (event files
 for TensorBoard, Weights & Biases) receive the same rows, and the images the run shows.
 """
 from __future__ import annotations
@@ -85,6 +85,9 @@ class MetricsLog:
     # --- sinks ----------------------------------------------------------------------------
     def add_sink(self, sink: MetricsSink) -> None:
         self.sinks.append(sink)
+
+    def has_sink(self, kind: type) -> bool:
+        return any(isinstance(s, kind) for s in self.sinks)
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from ..runtime import distributed as dp
 
 ADV_CLIP = 5.0
 STD_EPS = 1e-4
@@ -11,13 +12,10 @@ STD_EPS = 1e-4
 
 def global_std(values: Tensor) -> Tensor:
     """Population std (ddof 0, numpy's default, as the reference) over all finite values in the
-    batch, across ranks when torch.distributed is running."""
+    batch, across processes when torch.distributed is running."""
     finite = torch.isfinite(values)
     v = torch.where(finite, values, torch.zeros_like(values)).double()
-    stats = torch.stack([finite.sum().double(), v.sum(), (v * v).sum()])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(stats)
-    n, s, ss = stats
+    n, s, ss = dp.sum_(torch.stack([finite.sum().double(), v.sum(), (v * v).sum()]))
     if n < 1:
         return torch.zeros((), dtype=values.dtype)
     mean = s / n

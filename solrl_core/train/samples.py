@@ -12,7 +12,7 @@ class SampleBatch:
     """P prompts x M samples each; tensors are laid out [P, M, ...].
 
     `precision` says which model made `latents` ("low": the quantized explorer, "full"). The
-    trainer handle travels along so downstream nodes need only this one input.
+    session handle travels along so downstream nodes need only this one input.
     """
 
     session: object

@@ -38,7 +38,8 @@ def _order(values: Tensor, descending: bool) -> Tensor:
     return idx
 
 
-def select(proxy: Tensor, k: int, mode: str = "best_worst", generator: torch.Generator | None = None) -> Tensor:
+def kept_indices(proxy: Tensor, k: int, mode: str = "best_worst",
+                 generator: torch.Generator | None = None) -> Tensor:
     """proxy [P, N] -> kept indices [P, K] (each row sorted ascending by draft position)."""
     p, n = proxy.shape
     check_sizes(n, k, mode)

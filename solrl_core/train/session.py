@@ -28,29 +28,18 @@ from ..models import (
     make_inference_copy,
     refresh_inference_copy,
 )
-from ..models.lora import is_full_finetune
+from ..models.lora import SAMPLING, TRAINED, is_full_finetune
 from ..quant import DEFAULT_SKIP, QuantConfig, quantize_model, requantize_model
 from ..runtime import distributed as dp
 from ..runtime.files import atomic_write_text
 from ..runtime.metrics import metrics_log
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
 from .prompts import PromptCursor, split_prompts
+from .settings import RequantizeSettings, SessionConfig
 
 log = logging.getLogger("solrl")
 
-TRAINED, SAMPLING, EMA = "default", "old", "ema"
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    """What must stay the same for a run to be resumed (checked on resume)."""
-
-    seed: int = 0
-    total_iterations: int = 100
-    lora_rank: int = 32
-    lora_alpha: float = 64.0
-    full_finetune: bool = False
-    held_out: int = 0  # prompts of the set kept out of training, for the Held-out Reward
+EMA = "ema"  # the EMA copy of the trained adapter, kept by the session (evaluation and export)
 
 
 @dataclass
@@ -98,7 +87,7 @@ class TrainingSession:
         if init is None:
             # LoRA init is random: seed it so a run is reproducible from its seed alone.
             torch.manual_seed(self.config.seed)
-            add_lora(self.policy, rank=self.config.lora_rank, alpha=self.config.lora_alpha,
+            add_lora(self.policy, lora_rank=self.config.lora_rank, lora_alpha=self.config.lora_alpha,
                      full_finetune=self.config.full_finetune)
             model._solrl_initial_adapters = (self.config, adapter_state(model, TRAINED))
         elif init[0].lora_rank != self.config.lora_rank or init[0].full_finetune != self.config.full_finetune:
@@ -168,19 +157,18 @@ class TrainingSession:
         return torch.randint(0, 2**31 - 1, (prompts, per_prompt), generator=self.generator("seeds"))
 
     # --- inference copies (Requantize) --------------------------------------------------------
-    def refresh_copies(self, backend: str, min_dim: int | None = None, weight_tile: tuple[int, int] = (16, 16),
-                       cache_dequantized: bool = True) -> InferenceCopies:
+    def refresh_copies(self, s: RequantizeSettings, cache_dequantized: bool = True) -> InferenceCopies:
         """Merge the sampling adapter into the full-precision and low-precision copies."""
         start = time.perf_counter()
         if self.copies is None:
             regen = make_inference_copy(self.policy, SAMPLING)
             explorer, choice_name, reason, report = None, "none", "full precision only", {}
-            if backend != "none":
+            if s.backend != "none":
                 explorer = make_inference_copy(self.policy, SAMPLING)
                 skip = DEFAULT_SKIP + tuple(f"*{p}*" for p in self.policy.quant_skip_patterns)
-                qc = QuantConfig(skip=skip, min_dim=self.policy.quant_min_dim if min_dim is None else min_dim,
-                                 weight_tile=weight_tile, cache_dequantized=cache_dequantized)
-                rep = quantize_model(explorer, qc, backend=backend)
+                qc = QuantConfig(skip=skip, min_dim=self.policy.quant_min_dim if s.min_dim < 0 else s.min_dim,
+                                 weight_tile=s.tile, cache_dequantized=cache_dequantized)
+                rep = quantize_model(explorer, qc, backend=s.backend)
                 choice_name, reason, report = rep.backend, rep.backend_reason, rep.to_dict()
                 if dp.is_main():
                     atomic_write_text(self.run_dir / "quant_report.json", json.dumps(report, indent=1) + "\n")
@@ -246,7 +234,7 @@ class TrainingSession:
         meta = {"config": asdict(self.config), "iteration": self.iteration, "cursor": asdict(self.cursor),
                 "metrics": self.metrics, "optimizer_settings": self.optimizer_settings,
                 "held_out_prompts": self.held_out_prompts}
-        if dp.is_main():  # every rank holds the same weights and optimizer state
+        if dp.is_main():  # every process holds the same weights and optimizer state
             save_checkpoint(self.run_dir, self.iteration, tensors,
                             self.optimizer.state_dict() if self.optimizer is not None else None, meta)
         metrics_log(self.run_dir).append(row)

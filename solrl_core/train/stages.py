@@ -1,7 +1,7 @@
 """The four stages of a Sol-RL iteration, as plain functions the nodes call.
 
 explore: N seeds per prompt through the low-precision explorer (D steps), scored (proxy reward).
-rank:    keep K per prompt by proxy reward.
+select:  keep K per prompt by proxy reward.
 regenerate: the same seeds through the full-precision copy (F steps), re-scored; optionally an
          audit of how well the proxy ranked the whole pool.
 update:  DiffusionNFT on the kept samples: one optimizer step, then old / EMA updates.
@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..models import adapter_state, adapters_disabled, load_adapter_state, use_adapter
-from ..models.lora import trainable_parameters
+from ..models.lora import SAMPLING, TRAINED, trainable_parameters
 from ..runtime import distributed as dp
 from ..runtime.context import current_context
 from ..sampling import sample
@@ -25,12 +24,13 @@ from .audit import ranking_agreement
 from .nft import nft_loss, noised
 from .samples import SampleBatch
 from .schedules import blend_, ema_decay, old_decay
-from .selection import select
-from .session import SAMPLING, TRAINED, TrainingSession
+from .selection import kept_indices
+from .session import TrainingSession
+from .settings import EvaluateSettings, ExploreSettings, RegenerateSettings, SelectSettings, UpdateSettings
 
 
 def _stats(prefix: str, values: Tensor) -> dict[str, float]:
-    values = dp.gather_cat(values.flatten())  # statistics of the whole batch, over all ranks
+    values = dp.gather_cat(values.flatten())  # statistics of the whole batch, over all processes
     finite = values[torch.isfinite(values)]
     if finite.numel() == 0:
         return {f"{prefix}_mean": math.nan}
@@ -81,33 +81,34 @@ def _scored_batch(session, reward, prompts, seeds, latents, precision, steps, pr
                        images=images.reshape(p, m, *images.shape[1:]), prompt_ids=list(prompt_ids))
 
 
-def explore(session: TrainingSession, reward, prompts_per_iteration: int, pool: int, steps: int,
-            precision: str = "low", batch_size: int = 32) -> SampleBatch:
+def explore(session: TrainingSession, reward, s: ExploreSettings) -> SampleBatch:
     start = time.perf_counter()
     if session.done:  # a finished run queued again: nothing to sample, nothing to train
-        empty = torch.zeros(0, pool)
-        return SampleBatch(session, [], empty.long(), empty, empty, precision=precision, steps=steps)
-    if prompts_per_iteration < dp.world_size():
-        raise ValueError(f"prompts_per_iteration={prompts_per_iteration} is below the number of ranks "
-                         f"({dp.world_size()}): every rank needs at least one prompt")
-    all_prompts = session.next_prompts(prompts_per_iteration)
-    all_seeds = session.draw_seeds(len(all_prompts), pool)
-    rows = dp.local_rows(len(all_prompts))  # this rank's prompts; seeds as one process would draw them
+        empty = torch.zeros(0, s.candidates)
+        return SampleBatch(session, [], empty.long(), empty, empty, precision=s.precision, steps=s.steps)
+    if s.prompts_per_iteration < dp.world_size():
+        raise ValueError(f"prompts_per_iteration={s.prompts_per_iteration} is below the number of processes "
+                         f"({dp.world_size()}): every process needs at least one prompt")
+    all_prompts = session.next_prompts(s.prompts_per_iteration)
+    all_seeds = session.draw_seeds(len(all_prompts), s.candidates)
+    rows = dp.local_rows(len(all_prompts))  # this process's prompts; seeds as one process would draw them
     prompts, seeds = [all_prompts[i] for i in rows], all_seeds[rows]
-    latents = _generate(session, precision, prompts, seeds, steps, batch_size, f"explore ({precision})")
-    batch = _scored_batch(session, reward, prompts, seeds, latents, precision, steps, rows)
+    latents = _generate(session, s.precision, prompts, seeds, s.steps, s.batch_size, f"explore ({s.precision})")
+    batch = _scored_batch(session, reward, prompts, seeds, latents, s.precision, s.steps, rows)
     session.pending.update(_stats("draft_reward", batch.rewards))
     session.pending["draft_dropped"] = int(dp.sum_((~torch.isfinite(batch.rewards)).sum()))
     session.pending["time_explore"] = time.perf_counter() - start
     return batch
 
 
-def rank(batch: SampleBatch, keep: int, mode: str = "best_worst") -> SampleBatch:
+def select(batch: SampleBatch, s: SelectSettings) -> SampleBatch:
     if not batch.prompts:
         return batch
+    s.check(candidates=batch.shape[1])
     start = time.perf_counter()
     session: TrainingSession = batch.session
-    idx = torch.cat([select(batch.rewards[i:i + 1], keep, mode, generator=session.generator(f"select/{pid}"))
+    idx = torch.cat([kept_indices(batch.rewards[i:i + 1], s.keep, s.mode,
+                                  generator=session.generator(f"select/{pid}"))
                      for i, pid in enumerate(batch.prompt_ids)])
     kept = batch.subset(idx)
     session.pending.update(_stats("kept_proxy_reward", kept.rewards))
@@ -115,88 +116,69 @@ def rank(batch: SampleBatch, keep: int, mode: str = "best_worst") -> SampleBatch
     return kept
 
 
-def regenerate(batch: SampleBatch, reward, steps: int, batch_size: int = 32, audit_every: int = 0,
-               audit_size: int = 16) -> SampleBatch:
+def regenerate(batch: SampleBatch, reward, s: RegenerateSettings) -> SampleBatch:
     if not batch.prompts:
         return batch
     session: TrainingSession = batch.session
     start = time.perf_counter()
-    latents = _generate(session, "full", batch.prompts, batch.seeds, steps, batch_size, "regenerate")
-    out = _scored_batch(session, reward, batch.prompts, batch.seeds, latents, "full", steps, batch.prompt_ids)
+    latents = _generate(session, "full", batch.prompts, batch.seeds, s.steps, s.batch_size, "regenerate")
+    out = _scored_batch(session, reward, batch.prompts, batch.seeds, latents, "full", s.steps, batch.prompt_ids)
     out.proxy_rewards, out.pool_seeds, out.pool_rewards = batch.rewards, batch.pool_seeds, batch.pool_rewards
     session.pending.update(_stats("reward", out.rewards))
     for name, comp in out.components.items():
         if len(out.components) > 1:
             session.pending[f"reward_{name}_mean"] = comp[torch.isfinite(comp)].mean().item()
     session.pending["time_regenerate"] = time.perf_counter() - start
-    if audit_every > 0 and session.iteration % audit_every == 0 and batch.pool_seeds is not None:
-        session.pending.update(audit(session, batch, reward, steps, audit_size, batch_size))
+    if s.audit_every > 0 and session.iteration % s.audit_every == 0 and batch.pool_seeds is not None:
+        session.pending.update(audit(session, batch, reward, s))
     return out
 
 
-def audit(session: TrainingSession, batch: SampleBatch, reward, steps: int, size: int,
-          batch_size: int) -> dict[str, float]:
+def audit(session: TrainingSession, batch: SampleBatch, reward, s: RegenerateSettings) -> dict[str, float]:
     """Regenerate a random subset of each prompt's draft pool at full precision; compare rankings."""
     start = time.perf_counter()
     pool_seeds, pool_rewards = batch.pool_seeds, batch.pool_rewards
     n = pool_seeds.shape[1]
-    size = min(size, n)
+    size = min(s.audit_size, n)
     idx = torch.stack([torch.sort(torch.randperm(n, generator=session.generator(f"audit/{pid}"))[:size]).values
                        for pid in batch.prompt_ids])
     seeds = torch.gather(pool_seeds, 1, idx)
     proxy = torch.gather(pool_rewards, 1, idx)
-    latents = _generate(session, "full", batch.prompts, seeds, steps, batch_size, "audit")
-    full = _scored_batch(session, reward, batch.prompts, seeds, latents, "full", steps, batch.prompt_ids).rewards
+    latents = _generate(session, "full", batch.prompts, seeds, s.steps, s.batch_size, "audit")
+    full = _scored_batch(session, reward, batch.prompts, seeds, latents, "full", s.steps, batch.prompt_ids).rewards
     stats = {f"audit_{k}": v for k, v in ranking_agreement(proxy, full, k=max(1, size // 4)).items()}
     stats["time_audit"] = time.perf_counter() - start
     return stats
 
 
-def evaluate(batch: SampleBatch, reward, steps: int, prompts: int = 0, per_prompt: int = 4,
-             every: int = 1, batch_size: int = 32) -> SampleBatch:
-    """Every `every` iterations, the held-out reward (held_out_reward) before this iteration's update."""
+def evaluate(batch: SampleBatch, reward, s: EvaluateSettings) -> SampleBatch:
+    """Every `s.every` iterations, the held-out reward (held_out_reward) before this iteration's update."""
     session: TrainingSession = batch.session
-    if not batch.prompts or every <= 0 or session.iteration % every:
+    if not batch.prompts or s.every <= 0 or session.iteration % s.every:
         return batch
-    session.pending.update(held_out_reward(session, reward, steps, prompts, per_prompt, batch_size))
+    session.pending.update(held_out_reward(session, reward, s))
     return batch
 
 
-def held_out_reward(session: TrainingSession, reward, steps: int, prompts: int = 0, per_prompt: int = 4,
-                    batch_size: int = 32) -> dict[str, float]:
+def held_out_reward(session: TrainingSession, reward, s: EvaluateSettings) -> dict[str, float]:
     """Reward of the run's held-out prompts (never trained on) at fixed seeds, through the
     full-precision sampling policy: a curve without the prompt-to-prompt noise of training batches
-    that measures generalisation, not memorisation. `prompts`: how many of them (0: all)."""
+    that measures generalisation, not memorisation. `s.prompts`: how many of them (0: all)."""
     held_out = session.held_out_prompts
     if not held_out:
         raise ValueError("the run has no held-out prompts to score: set Training Run's held_out to the "
                          "number of prompts to keep out of training")
-    if prompts > len(held_out):
-        raise ValueError(f"prompts={prompts} is more than the run's {len(held_out)} held-out prompts (0: all)")
+    if s.prompts > len(held_out):
+        raise s.error("prompts", f"{s.prompts} is more than the run's {len(held_out)} held-out prompts (0: all)")
     start = time.perf_counter()
-    chosen = held_out[:prompts or len(held_out)]
+    chosen = held_out[:s.prompts or len(held_out)]
     rows = dp.local_rows(len(chosen))
     chosen = [chosen[i] for i in rows]
-    seeds = torch.tensor([[10_000 + i * per_prompt + j for j in range(per_prompt)] for i in rows], dtype=torch.long)
-    latents = _generate(session, "full", chosen, seeds, steps, batch_size, "evaluate")
-    scored = _scored_batch(session, reward, chosen, seeds, latents, "full", steps, rows)
+    seeds = torch.tensor([[10_000 + i * s.per_prompt + j for j in range(s.per_prompt)] for i in rows],
+                         dtype=torch.long)
+    latents = _generate(session, "full", chosen, seeds, s.steps, s.batch_size, "evaluate")
+    scored = _scored_batch(session, reward, chosen, seeds, latents, "full", s.steps, rows)
     return {**_stats("eval_reward", scored.rewards), "time_eval": time.perf_counter() - start}
-
-
-@dataclass
-class UpdateSettings:
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    beta: float = 1.0
-    kl_coef: float = 1e-4
-    train_fraction: float = 0.6
-    micro_batch: int = 8
-
-    def optimizer(self) -> dict:
-        return {"lr": self.lr, "weight_decay": self.weight_decay, "betas": list(self.betas), "eps": self.eps}
 
 
 def update(batch: SampleBatch, s: UpdateSettings) -> dict[str, float]:
@@ -213,7 +195,7 @@ def update(batch: SampleBatch, s: UpdateSettings) -> dict[str, float]:
     _, r_opt = advantages(batch.rewards)
     p_local, m = batch.shape
     valid = torch.isfinite(r_opt).flatten()
-    # A sample's global id fixes its timesteps and noise, whichever rank trains it.
+    # A sample's global id fixes its timesteps and noise, whichever process trains it.
     ids = [batch.prompt_ids[i] * m + j for i in range(p_local) for j in range(m)]
     ids = [g for g, ok in zip(ids, valid.tolist()) if ok]
     flat_prompts = _each_sample(batch.prompts, m)
@@ -228,7 +210,7 @@ def update(batch: SampleBatch, s: UpdateSettings) -> dict[str, float]:
     rollout_sigmas = policy.sigmas(batch.steps, *policy.image_size_of(batch.latents[0, :1]))[:-1].float()
     t_train = max(1, int(len(rollout_sigmas) * s.train_fraction))
     n_local_pairs = math.ceil(n / s.micro_batch) * t_train
-    n_pairs = int(dp.sum_(torch.tensor(n_local_pairs)))  # the loss is a mean over all ranks' pairs
+    n_pairs = int(dp.sum_(torch.tensor(n_local_pairs)))  # the loss is a mean over all processes' pairs
     sums = torch.zeros(3, dtype=torch.float64)  # loss, kl, pairs done
     if n > 0:
         gens = {g: session.generator(f"train/{g}") for g in ids}
@@ -267,7 +249,7 @@ def update(batch: SampleBatch, s: UpdateSettings) -> dict[str, float]:
                 bar.update(done, n_local_pairs)
         bar.close()
         model.eval()
-    for p in params:  # ranks with nothing to train still take part in the sums
+    for p in params:  # processes with nothing to train still take part in the sums
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dp.sum_(p.grad)

@@ -7,7 +7,7 @@ from .config import (
            build_tokenizer,
            build_transformer,
 )
-from .flow import WEIGHTS_DIR, TinyModel, sample
+from .flow import TinyModel, sample
 
-__all__ = ["PRESETS", "WEIGHTS_DIR", "TinyModel", "TinyModelConfig", "build_scheduler", "build_text_encoder",
+__all__ = ["PRESETS", "TinyModel", "TinyModelConfig", "build_scheduler", "build_text_encoder",
            "build_tokenizer", "build_transformer", "sample"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ...scenes import KINDS, all_specs, caption
-from .flow import WEIGHTS_DIR
+from ..loading import EMBEDDED_DIR
 
 RESULTS_DIR = Path("benchmarks/results")
 
@@ -56,7 +56,7 @@ def sample_images(policy, prompts: list[str], seeds: list[int], steps: int = 10,
         return policy.decode(x0)
 
 
-def evaluate(weights: str | Path = WEIGHTS_DIR, n: int = 64, steps: int = 10, seed: int = 0
+def evaluate(weights: str | Path = EMBEDDED_DIR, n: int = 64, steps: int = 10, seed: int = 0
              ) -> tuple[dict[str, KindResult], dict[str, torch.Tensor]]:
     from ...rewards.shapes import judge
     from .. import load_policy
@@ -127,7 +127,7 @@ def write_report(results: dict[str, KindResult], weights: Path, n: int, steps: i
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", default=str(WEIGHTS_DIR), help="tiny model folder (default: the shipped one)")
+    ap.add_argument("--weights", default=str(EMBEDDED_DIR), help="tiny model folder (default: the shipped one)")
     ap.add_argument("--n", type=int, default=64, help="prompts per kind")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)

@@ -1,9 +1,10 @@
 """The tiny model's conditioning and flow-matching conventions (diffusers' own):
 x_t = (1 - sigma) * x0 + sigma * noise, the transformer predicts v = noise - x0 and is called with
-timestep = sigma * 1000 * timestep_scale, as SanaPipeline does. Sampling is plain Euler, no CFG.
+timestep = sigma * 1000 * timestep_scale, as SanaPipeline does.
 
-The product path is solrl_core.models.load_policy("embedded") + solrl_core.sampling.sample; these
-functions are the reference the training script uses and the adapter is checked against.
+The product path is solrl_core.models.load_policy("embedded") + solrl_core.sampling.sample. The
+training script works on the bare modules (TinyModel); the SANA adapter is checked against these
+conventions, and `sample` (its previews) integrates with the product's seeded noise and Euler solver.
 """
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ import torch
 from diffusers import SanaTransformer2DModel
 from transformers import Gemma2Model, GemmaTokenizer
 
+from ...sampling.solvers import euler
+from ..base import seeded_noise
+from ..loading import EMBEDDED_DIR
+from ..schedules import scheduler_sigmas
 from .config import MAX_PROMPT_TOKENS, build_scheduler
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -27,7 +31,7 @@ class TinyModel:
     tokenizer: GemmaTokenizer
 
     @classmethod
-    def from_pretrained(cls, path: str | Path = WEIGHTS_DIR) -> TinyModel:
+    def from_pretrained(cls, path: str | Path = EMBEDDED_DIR) -> TinyModel:
         path = Path(path)
         if not (path / "transformer" / "config.json").is_file():
             raise FileNotFoundError(
@@ -50,25 +54,12 @@ class TinyModel:
         return self.transformer(x, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t).sample
 
 
-def initial_noise(seeds: list[int], size: int = 32) -> torch.Tensor:
-    """One independent noise image per seed, so an image depends on its seed only (not on the batch)."""
-    return torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(s)) for s in seeds])
-
-
-def sigma_schedule(steps: int) -> torch.Tensor:
-    """The steps + 1 sigmas FlowMatchEulerDiscreteScheduler (shift 1) walks: 1 ... 1/1000, then 0."""
-    scheduler = build_scheduler()
-    scheduler.set_timesteps(steps)
-    return scheduler.sigmas.float()
-
-
 @torch.no_grad()
 def sample(model: TinyModel, prompts: list[str], seeds: list[int], steps: int = 10) -> torch.Tensor:
-    """Euler sampling on the scheduler's sigma grid (as SanaPipeline), no CFG; images in [-1, 1]."""
+    """Euler on the scheduler's sigma grid (1 ... 1/1000, then 0, as SanaPipeline), no CFG, with the
+    product's seeded noise and solver; images in [-1, 1]."""
     emb, mask = model.encode(prompts)
-    x = initial_noise(seeds, model.transformer.config.sample_size).to(emb.device)
-    sigmas = sigma_schedule(steps)
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        v = model.velocity(x, s.expand(len(x)).to(x.device), emb, mask)
-        x = x + (s_next - s) * v
-    return x
+    size = model.transformer.config.sample_size
+    x = seeded_noise(seeds, (3, size, size), emb.device)
+    sigmas = scheduler_sigmas(build_scheduler(), steps).to(emb.device)
+    return euler(lambda x, sigma: model.velocity(x, sigma.expand(len(x)), emb, mask), x, sigmas)
