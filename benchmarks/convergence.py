@@ -42,8 +42,20 @@ def speedups(curves: dict[str, Curve], cpu: bool = False) -> tuple[float, dict[s
 
 
 def ranking(curves: dict[str, Curve]) -> list[str]:
-    """Arms by final smoothed held-out reward, best first (depends only on the seed)."""
-    return sorted(curves, key=lambda n: -curves[n].smoothed()[-1])
+    """Arms by mean held-out reward over the run, best first (depends only on the seed)."""
+    return sorted(curves, key=lambda n: -curves[n].mean_reward())
+
+
+def step_costs(curves: dict[str, Curve], task: dict, arms: dict[str, dict]) -> dict[str, float]:
+    """Seconds per image-step of each arm's stage 1 (the explorer's draft steps, or full-precision
+    sampling), relative to DiffusionNFT's full-precision sampling, from the measured stage times."""
+    def per_step(name: str) -> float:
+        c, arm = curves[name], arms[name]
+        pool = arm["pool"] or task["pool"]
+        steps = task["full_steps"] if arm["backend"] == "none" else arm["draft_steps"] or task["draft_steps"]
+        return c.stage_seconds.get("explore", 0.0) / (len(c.train_reward) * task["prompts_per_iteration"] * pool * steps)
+    base = per_step(BASELINE)
+    return {name: per_step(name) / base for name in curves}
 
 
 def _fmt_speedup(x: float) -> str:
@@ -78,10 +90,11 @@ def report(curves: dict[str, Curve], facts: dict, seed: int, others: dict[int, l
         "DiffusionNFT's time to reach it / the arm's time (wall clock of each arm's own work; CPU time in "
         "brackets).",
         "",
-        "| arm | s / iteration | held-out start | final | iterations to DiffusionNFT's final | speed-up to "
-        "DiffusionNFT's final | explore / regenerate / train share |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| arm | s / iteration | stage-1 image-step cost | held-out start | final | mean over the run | iterations to "
+        "DiffusionNFT's final | speed-up to DiffusionNFT's final | explore / regenerate / train share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    costs = step_costs(curves, task, facts["arms"])
     for name, c in curves.items():
         n_iter = len(c.train_reward)
         st = c.stage_seconds
@@ -89,11 +102,14 @@ def report(curves: dict[str, Curve], facts: dict, seed: int, others: dict[int, l
         share = " / ".join(f"{100 * st.get(k, 0.0) / total:.0f}%" for k in ("explore", "regenerate", "train"))
         reach = c.iterations_to(target)
         lines.append(
-            f"| {c.label} | {c.seconds[-1] / max(1, n_iter):.2f} | {c.smoothed()[0]:.4f} | {c.smoothed()[-1]:.4f} | "
+            f"| {c.label} | {c.seconds[-1] / max(1, n_iter):.2f} | {costs[name]:.2f}x | {c.smoothed()[0]:.4f} | "
+            f"{c.smoothed()[-1]:.4f} | {c.mean_reward():.4f} | "
             f"{reach if math.isfinite(reach) else 'not reached'} | {_fmt_speedup(speed[name])} "
             f"({_fmt_speedup(speed_cpu[name])}) | {share} |")
     order = ranking(curves)
-    lines += ["", "Ranking by final held-out reward: " + " > ".join(curves[n].label for n in order) + "."]
+    lines += ["", "Stage-1 image-step cost: seconds per image per ODE step of stage 1 (the explorer's drafts, or "
+              "full-precision sampling), relative to DiffusionNFT's full-precision sampling.", "",
+              "Ranking by mean held-out reward over the run: " + " > ".join(curves[n].label for n in order) + "."]
     for other_seed, other in sorted(others.items()):
         same = "the same" if other == order else "a different"
         lines.append(f"Seed {other_seed} ranks them: " + " > ".join(curves[n].label for n in other)
