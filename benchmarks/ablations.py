@@ -5,7 +5,7 @@
 Sol-RL arms on the convergence task (benchmarks/miniature.py), D in {2, 4, 6, 8} at the task's N and
 N in {K, 2K, 3K} at the task's D (N = 4K is the D sweep's arm at the task's D), interleaved one
 iteration each in turn; final held-out reward (smoothed over the last measurements) and time.
-Writes benchmarks/results/ablations.md. About 25 minutes on 2 idle cores with the defaults.
+Writes benchmarks/results/ablations.md. About 30 minutes of one idle core with the defaults.
 """
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> None:
         f"iterations per arm, {a.threads} threads, arms interleaved; {facts['minutes_total']:.0f} min in all. "
         "Final: the held-out reward smoothed over the last measurements.",
         "",
-        "| sweep | D | N | held-out start | final | gain | s / iteration |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| sweep | D | N | held-out start | final | gain | mean over the run | s / iteration |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, arm in table.items():
         c = curves[name]
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         sweep = "D" if name.startswith("D=") else "N"
         start, final = c.smoothed()[0], c.smoothed()[-1]
         lines.append(f"| {sweep} | {d} | {n} | {start:.4f} | {final:.4f} | {final - start:+.4f} | "
-                     f"{c.seconds[-1] / max(1, len(c.train_reward)):.2f} |")
+                     f"{c.mean_reward():.4f} | {c.seconds[-1] / max(1, len(c.train_reward)):.2f} |")
     lines += ["", "Paper (HPSv2, SANA): D 2/4/6/8 -> 0.3587/0.3650/0.3686/0.3659; N 24/48/72/96 at K=24 -> "
               "0.3569/0.3622/0.3663/0.3686."]
     text = "\n".join(lines) + "\n"
