@@ -1,6 +1,6 @@
 """Rollout time per iteration: naive full-precision scaling vs Sol-RL, side by side.
 
-    python benchmarks/rollout.py [--weights embedded] [--threads 2] [--repeats 3]
+    python benchmarks/rollout.py [--weights embedded] [--threads 2] [--repeats 3] [--families sana,flux,sd3]
 
 The paper's comparison on the embedded model: for P prompts, naive scaling samples the whole pool
 of N seeds at full precision with F steps; Sol-RL explores the pool with the low-precision explorer
@@ -10,10 +10,19 @@ benchmarks/results/rollout.md. On a CPU the emulated NVFP4 explorer computes in 
 quantizing (it is the faithful reference, not a fast path), so the gain there comes from D < F and
 K < N; `cpu_int8` shows a fast low-precision explorer. On Blackwell GPUs the NVFP4 GEMMs add the
 hardware speedup the paper measures.
+
+A second table times one model step of each explorer against one full-precision step on the same
+batch (the quickstart's 64 images), and how much of each step the quantizable layers take.
+
+Real-width slices (`--families`): the rollout comparison per model family on a random-weight slice
+of the published transformer (real widths, heads and explorer thresholds; one block; a resolution
+that gives each explore batch about a thousand GEMM rows), at the paper's proportions
+N / K = 96 / 24 = 4 and D / F = 6 / 10 = 0.6 scaled down.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -21,10 +30,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from solrl_core.models import load_policy  # noqa: E402
+from solrl_core.quant import QuantizedLayer  # noqa: E402
 from solrl_core.rewards import load_weighted_reward  # noqa: E402
 from solrl_core.train.prompts import load_prompts  # noqa: E402
 from solrl_core.train.session import TrainingSession  # noqa: E402
@@ -50,7 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--full-steps", type=int, default=10, help="F")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--step-batch", type=int, default=64, help="images per model step in the per-step table")
+    ap.add_argument("--step-repeats", type=int, default=15)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    add_slice_arguments(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -82,14 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = {"naive BF16 scaling (N at full precision, F steps)": naive,
              "Sol-RL, emulated NVFP4 explorer": sol_rl("emulated"),
              "Sol-RL, cpu_int8 explorer": sol_rl("cpu_int8")}
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn in cases.values():  # warm-up (prompt encodings, kernels)
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+    times = interleaved_times(cases, args.repeats)
 
     base = statistics.median(times[next(iter(cases))])
     lines = [
@@ -107,10 +114,170 @@ def main(argv: list[str] | None = None) -> None:
         med = statistics.median(times[name])
         lines.append(f"| {name} | {med:.2f} | {base / med:.2f}x |")
     lines += ["", "Paper (8x B200, SANA / FLUX.1 / SD3.5-L rollout): 1.41x / 2.33x / 2.41x."]
+    lines += explorer_step_section(policy, prompts, sessions, args.step_batch, args.step_repeats, args.threads)
+    lines += slice_table(args)
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
+
+
+
+def interleaved_times(cases: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each case: one warm-up round (prompt encodings, kernels), then `repeats`
+    rounds calling the cases in turn, so machine load hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for fn in cases.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+# --- Real-width slices --------------------------------------------------------------------------
+def add_slice_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--families", default="sana,flux,sd3", help="real-width slices to time ('' for none)")
+    ap.add_argument("--slice-prompts", type=int, default=2)
+    ap.add_argument("--slice-pool", type=int, default=8, help="N (K = N / 4)")
+    ap.add_argument("--slice-full-steps", type=int, default=5, help="F (D = 0.6 F)")
+
+
+# Image side per family: SANA 24 px -> 144 tokens, FLUX.1 32 px -> 64 + 8 text, SD3.5 32 px -> 16 + 85 text
+# (its CLIP encoders always give 77 tokens); with the slices' 2x VAEs.
+SLICE_RESOLUTION = {"sana": 24, "flux": 32, "sd3": 32}
+
+
+def slice_rollouts(family: str, args) -> tuple[dict[str, list[float]], int]:
+    """Seconds per rollout, interleaved: naive full precision vs Sol-RL with each explorer; and the
+    slice's transformer parameter count."""
+    from solrl_core.models.published import parameter_count
+    from solrl_core.models.slices import ONE_BLOCK, build_slice
+
+    side = SLICE_RESOLUTION[family]
+    policy = build_slice(family, depth=ONE_BLOCK[family], resolution=(side, side))
+    reward = load_weighted_reward("jpeg_compressibility")
+    prompts = load_prompts("shapes_all")
+    pool, keep = args.slice_pool, max(1, args.slice_pool // 4)
+    full, draft = args.slice_full_steps, max(1, round(0.6 * args.slice_full_steps))
+    tmp = Path(tempfile.mkdtemp())
+    sessions = {}
+    for backend in ("none", "emulated", "cpu_int8"):
+        session = TrainingSession(tmp / backend, policy, prompts, SessionConfig(lora_rank=8, lora_alpha=8.0))
+        session.refresh_copies(RequantizeSettings(backend))  # the family's preset: real thresholds
+        sessions[backend] = session
+    kept_settings = SelectSettings(keep=keep)
+    regen_settings = RegenerateSettings(full, batch_size=keep * args.slice_prompts)
+
+    def naive() -> None:
+        select(explore(sessions["none"], reward, ExploreSettings(args.slice_prompts, pool, full, "full", pool)),
+               kept_settings)
+
+    def sol_rl(backend: str):
+        def run() -> None:
+            s = sessions[backend]
+            kept = select(explore(s, reward, ExploreSettings(args.slice_prompts, pool, draft, "low", pool)),
+                          kept_settings)
+            regenerate(kept, reward, regen_settings)
+        return run
+
+    cases = {"naive": naive, "emulated": sol_rl("emulated"), "cpu_int8": sol_rl("cpu_int8")}
+    return interleaved_times(cases, args.repeats), parameter_count(policy.transformer)
+
+
+def slice_table(args) -> list[str]:
+    families = [f for f in args.families.split(",") if f]
+    if not families:
+        return []
+    pool, full = args.slice_pool, args.slice_full_steps
+    lines = ["", "## Real-width slices", "",
+             "Random-weight one-block slices of the published transformers (real widths, heads and explorer "
+             f"layers; FLUX.1 a single-stream block), {', '.join(f'{f} {SLICE_RESOLUTION[f]} px' for f in families)}, "
+             f"P={args.slice_prompts}, N={pool}, K={max(1, pool // 4)}, D={max(1, round(0.6 * full))}, F={full} "
+             f"(the paper's N/K = 4 and D/F = 0.6), {args.threads} threads, median of {args.repeats} interleaved "
+             "repeats. Rollout = sampling + decoding + scoring (weight-free JPEG reward) + selection "
+             "(+ regeneration).", "",
+             "| family | slice parameters | naive s | Sol-RL emulated s | speed-up | Sol-RL cpu_int8 s | speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for family in families:
+        times, params = slice_rollouts(family, args)
+        naive, emu, int8 = (statistics.median(times[k]) for k in ("naive", "emulated", "cpu_int8"))
+        lines.append(f"| {family} | {params / 1e6:.0f} M | {naive:.2f} | {emu:.2f} | {naive / emu:.2f}x | "
+                     f"{int8:.2f} | {naive / int8:.2f}x |")
+        print(lines[-1], flush=True)
+# --- one model step: explorer vs full precision -------------------------------------------------------
+
+STEP_TARGETS = {"emulated": "cost <= 1.3x", "cpu_int8": "speed-up >= 1.5x"}
+
+
+def _quantizable_layer_seconds(model: nn.Module, step, repeats: int = 3) -> float:
+    """Median seconds per step spent inside the layers the explorer quantizes (or their full-precision
+    originals): forward hooks on quantized layers, linears and 1x1 convolutions inside the blocks."""
+    spent, starts = [0.0], {}
+
+    def pre(module, args):
+        starts[id(module)] = time.perf_counter()
+
+    def post(module, args, out):
+        spent[0] += time.perf_counter() - starts.pop(id(module))
+
+    targets = [m for n, m in model.named_modules() if ".attn" in n or ".ff." in n]
+    targets = [m for m in targets if isinstance(m, (QuantizedLayer, nn.Linear))
+               or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))]
+    handles = [h for m in targets for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    samples = []
+    try:
+        for _ in range(repeats):
+            spent[0] = 0.0
+            step(model)
+            samples.append(spent[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return statistics.median(samples)
+
+
+def explorer_step_section(policy, prompts: list[str], sessions: dict, batch: int, repeats: int,
+                          threads: int) -> list[str]:
+    """One Euler step's model call for `batch` images: full precision vs each explorer, interleaved."""
+    models = {"full precision (fp32)": sessions["none"].copies.regenerator,
+              "emulated NVFP4 explorer": sessions["emulated"].copies.explorer,
+              "cpu_int8 explorer": sessions["cpu_int8"].copies.explorer}
+    cond = policy.encode([prompts[i % len(prompts)] for i in range(batch)])
+    x = policy.initial_noise(list(range(batch)))
+    sigma = torch.full((batch,), 0.75)
+
+    def step(model: nn.Module) -> None:
+        with torch.no_grad():
+            policy.velocity(model, x, sigma, cond)
+
+    load_before = os.getloadavg()[0]
+    times = interleaved_times({name: (lambda m=model: step(m)) for name, model in models.items()}, repeats)
+    load = (load_before + os.getloadavg()[0]) / 2
+    inside = {name: _quantizable_layer_seconds(model, step) for name, model in models.items()}
+    base = statistics.median(times["full precision (fp32)"])
+    lines = [
+        "",
+        "## One model step: explorer vs full precision (embedded model)",
+        "",
+        f"One call of the embedded model on {batch} images (one Euler step), {threads} threads, median of "
+        f"{repeats} interleaved repeats after a warm-up; 1-minute load average during the run {load:.1f} on "
+        f"{os.cpu_count()} cores. The explorers are the ones Requantize builds for the quickstart (min_dim 0: "
+        "every linear and 1x1 convolution of the blocks, 16x16 weight tiles, dequantized weights cached). "
+        "'In quantizable layers' is measured in a separate hooked pass: the rest of the step (depthwise "
+        "convolutions, SiLU gates, linear attention, norms, embedders) is the same full-precision work in "
+        "every row.",
+        "",
+        "| model step | median ms | cost vs fp32 | speed-up vs fp32 | in quantizable layers, ms | target |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, backend in zip(models, ("none", "emulated", "cpu_int8")):
+        med = statistics.median(times[name])
+        lines.append(f"| {name} | {1000 * med:.1f} | {med / base:.2f}x | {base / med:.2f}x | "
+                     f"{1000 * inside[name]:.1f} | {STEP_TARGETS.get(backend, '')} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -128,13 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-api", type=Path, metavar="OUT", help="write the workflow in API format and exit")
     p.add_argument("--to-ui", type=Path, metavar="OUT", help="write the workflow in UI format and exit")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (fix it for bit-reproducible runs)")
+    p.add_argument("--plan", action="store_true", help="print the peak accelerator memory of one iteration by "
+                   "component and the explorer's layers, loading no weights (configs suffice), and exit")
+    p.add_argument("--gpu-memory", type=float, metavar="GIB", help="with --plan: the device memory to fit in (GiB)")
+    p.add_argument("--world-size", type=int, metavar="N", help="with --plan: ranks sharing the prompts "
+                   "(default $WORLD_SIZE or 1)")
+    p.add_argument("--json", action="store_true", help="with --plan: one JSON object")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.plan and (args.gpu_memory is not None or args.json or args.world_size is not None):
+        parser.error("--gpu-memory, --world-size and --json go with --plan")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
     for h in logging.getLogger().handlers:  # the console shows warnings; status lines go through tqdm
         h.setLevel(logging.DEBUG if args.debug else logging.WARNING)
@@ -151,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         api, _ = load_workflow(args.workflow)
         apply_overrides(api, args.overrides, args.workflow)
+        if args.plan:
+            from .plan.workflow import run_plan
+
+            return run_plan(api, args.workflow, args.gpu_memory, args.json, args.world_size)
         graph = validate(api, args.workflow)
         if args.to_api or args.to_ui:
             for out, data in ((args.to_api, graph), (args.to_ui, api_to_ui(graph) if args.to_ui else None)):
@@ -162,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run_dir = args.run_dir or default_run_dir(args.workflow)
         check_writable(run_dir)
-    except (WorkflowError, PermissionError, OSError) as e:
+    except (WorkflowError, PermissionError, OSError, ValueError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -8,38 +8,11 @@ Other test modules import these helpers.
 from __future__ import annotations
 
 import shutil
-import string
 from pathlib import Path
 
 import torch
 
-# Character-level vocabularies: every prompt made of lowercase words, digits and basic punctuation
-# tokenizes without unknown tokens, so tokenizers need no merges or trained models.
-_CHARS = string.ascii_lowercase + string.digits + ",.'-:;!?()"
-
-
-def gemma_tokenizer():
-    from transformers import GemmaTokenizer
-
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
-    pieces = specials + ["▁"] + list(_CHARS) + [f"▁{c}" for c in _CHARS]
-    return GemmaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[])
-
-
-def t5_tokenizer(extra_ids: int = 4):
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -3.0) for c in _CHARS] + [(f"▁{c}", -2.5) for c in _CHARS]
-    return T5Tokenizer(vocab=pieces, extra_ids=extra_ids)
-
-
-def clip_tokenizer():
-    from transformers import CLIPTokenizer
-
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    pieces = specials + list(_CHARS) + [f"{c}</w>" for c in _CHARS]
-    return CLIPTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[], model_max_length=77)
+from solrl_core.models.slices import clip_tokenizer, gemma_tokenizer, t5_tokenizer
 
 
 def _clip_text_config(vocab_size: int, hidden: int = 16, projection: int = 16):

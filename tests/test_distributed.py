@@ -25,8 +25,11 @@ def _latest(run_dir: Path):
 def test_two_ranks_match_one_process(tmp_path):
     model = save_pipeline(build_sana(seed=1, with_vae=False, sample_size=8), tmp_path / "pix")
     wf = tmp_path / "wf.json"
+    # batch_size 6 = one prompt's drafts: one process and each of two ranks batch the same samples
+    # together. W4A4 quantizes activations with one amax per call, so an explorer draft depends on
+    # the other drafts in its batch (as on a GPU with Transformer Engine).
     wf.write_text(json.dumps(training_graph(replace(SMALL, model=str(model), iterations=2, prompts_per_iteration=2,
-                                                    micro_batch=2))))
+                                                    micro_batch=2, batch_size=6))))
     single, multi = tmp_path / "single", tmp_path / "multi"
     assert main([str(wf), "--run-dir", str(single)]) == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -66,7 +66,7 @@ def test_quantize_model_keeps_output_close(family):
     model.eval()
     ref = _run(model, inputs)
     qmodel = copy.deepcopy(model)
-    report = quantize_model(qmodel, QuantConfig(min_dim=16), backend="emulated")
+    report = quantize_model(qmodel, QuantConfig.for_family(family, min_dim=16), backend="emulated")
     out = _run(qmodel, inputs)
     rel = ((out - ref).norm() / ref.norm()).item()
     print(f"{family}: {report.summary()}; output rel. error {rel:.4f}")
@@ -85,13 +85,15 @@ def test_quantize_model_keeps_output_close(family):
 
 def test_min_dim_skip_and_include_rules():
     model, _ = _flux()
-    report = quantize_model(model, QuantConfig(min_dim=100, include=("context_embedder",)), backend="emulated")
+    config = QuantConfig.for_family("flux", min_dim=100, include=("context_embedder",))
+    report = quantize_model(model, config, backend="emulated")
     names = {r.name for r in report.quantized}
     assert "context_embedder" in names  # include overrides skip pattern and min_dim
     assert "transformer_blocks.0.ff.net.0.proj" in names  # max(128, 32) > 100
     assert "transformer_blocks.0.attn.to_q" not in names
     assert "min_dim" in report.skipped["transformer_blocks.0.attn.to_q"]
-    assert "skip pattern" in report.skipped["x_embedder"]
+    assert "skip pattern" in report.skipped["time_text_embed.timestep_embedder.linear_1"]
+    assert "multiple of 16" in report.skipped["x_embedder"]  # 4 input channels: no 16-element block
 
 
 def test_backend_none_and_cpu_int8():
@@ -135,7 +137,7 @@ def test_requantize_equals_fresh_quantize(as_state_dict):
 def test_requantize_reports_missing_weights():
     model, _ = _sana()
     qmodel = copy.deepcopy(model)
-    quantize_model(qmodel, QuantConfig(min_dim=16))
+    quantize_model(qmodel, QuantConfig.for_family("sana", min_dim=16))
     with pytest.raises(ValueError, match="transformer_blocks"):
         requantize_model(qmodel, {})
 
@@ -145,7 +147,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 
     model, inputs = _flux()
     qmodel = copy.deepcopy(model)
-    quantize_model(qmodel, QuantConfig(min_dim=16, weight_tile=(1, 16)))
+    quantize_model(qmodel, QuantConfig.for_family("flux", min_dim=16, weight_tile=(1, 16)))
     out = _run(qmodel, inputs)  # records activation amax -> input_scale
     path = tmp_path / "flux_nvfp4.safetensors"
     save_quantized(qmodel, path)
@@ -157,7 +159,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert state[f"{name}.input_scale"].item() > 0
 
     other = copy.deepcopy(model)
-    quantize_model(other, QuantConfig(min_dim=16, weight_tile=(16, 16)))  # different tiles, so different bytes
+    quantize_model(other, QuantConfig.for_family("flux", min_dim=16, weight_tile=(16, 16)))  # different tiles, so different bytes
     load_quantized(other, path)
     for n, layer in quantized_layers(other).items():
         src = quantized_layers(qmodel)[n]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from solrl_core.quant.nvfp4 import E2M1_VALUES, NVFP4Tensor, quantize
+from solrl_core.quant.nvfp4 import E2M1_VALUES, NVFP4Tensor, quantize, quantize_dequantize_unscaled
 
 F32 = np.float32
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -141,6 +141,9 @@ def test_round_to_nearest_even_at_ties(value, expected, sign):
     q = quantize(x)
     assert q.block_scales.float().item() == 448.0
     assert q.dequantize_unscaled()[0, 1].item() == sign * expected * 448.0
+    fused = quantize_dequantize_unscaled(x)[0][0, 1]  # the activation path, without packing
+    assert fused.item() == sign * expected * 448.0
+    assert bool(torch.signbit(fused)) == (sign < 0)  # -0.25 rounds to -0.0, not +0.0
 
 
 def test_saturation_at_six_times_scale():
@@ -305,3 +308,114 @@ def test_odd_shapes_match_oracle(shape):
     packed, scales, _ = oracle(x, (1, 16))
     assert _bytes(q) == (packed, scales)
     assert q.dequantize().shape == x.shape
+
+
+# --- Fused activation path: quantize_dequantize_unscaled ----------------------------------------------
+
+def oracle_values(x: torch.Tensor) -> tuple[np.ndarray, float]:
+    """The oracle's codes decoded by hand: sign * E2M1 grid value * E4M3 grid value, exact in fp32."""
+    packed, scales, amax = oracle(x, (1, 16))
+    rows, k = x.float().reshape(-1, x.shape[-1]).shape
+    pairs = np.frombuffer(packed, dtype=np.uint8).reshape(rows, k // 2)
+    nibbles = np.stack([pairs & 15, pairs >> 4], -1).reshape(rows, k)
+    scale = np.array(E4M3_GRID, dtype=F32)[np.frombuffer(scales, dtype=np.uint8).reshape(rows, k // 16)]
+    magnitude = np.array(E2M1_GRID, dtype=F32)[nibbles & 7] * np.repeat(scale, 16, axis=1)
+    return np.where(nibbles & 8, -magnitude, magnitude).astype(F32), amax
+
+
+def _assert_same_bits(got: torch.Tensor, expected: np.ndarray) -> None:
+    """Equal values and equal signs of zeros (compared as fp32 bit patterns)."""
+    got_bits = got.float().reshape(expected.shape).contiguous().view(torch.int32).numpy()
+    assert got_bits.tolist() == expected.view(np.int32).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["normal", "student_t", "outliers"])
+def test_quantize_dequantize_matches_oracle(kind, dtype):
+    x = _inputs(kind)
+    x[7, 3], x[8, :16] = -0.0, -0.0  # a negative zero, and a block of them
+    x = x.clamp(-6e4, 6e4).to(dtype)
+    values, amax = quantize_dequantize_unscaled(x)
+    expected, expected_amax = oracle_values(x)
+    assert values.dtype == torch.float32 and values.shape == x.shape
+    _assert_same_bits(values, expected)
+    assert amax.item() == expected_amax
+
+
+@pytest.mark.parametrize("magnitude", [1e-40, 1e-30, 1e-3, 1e4, 3e38])
+def test_quantize_dequantize_extreme_magnitudes(magnitude):
+    # Subnormal inputs and amax (S_enc clamps to FLT_MAX), E4M3 scale underflow and a huge amax.
+    x = (_student_t((16, 64)) / 40).clamp(-1, 1) * magnitude
+    _assert_same_bits(quantize_dequantize_unscaled(x)[0], oracle_values(x)[0])
+
+
+def test_quantize_dequantize_saturation_zero_blocks_and_zero_tensors():
+    x = torch.zeros(4, 32)
+    x[0, 0] = 10.0
+    x[1, :16] = torch.linspace(-9.7, 9.7, 16)  # block scale rounds down: |x * enc| > 6 saturates
+    x[2, :16] = 1e-6  # block scale underflows to 0: encode scale FLT_MAX, values decode to 0
+    x[3, 16:] = -0.0
+    _assert_same_bits(quantize_dequantize_unscaled(x)[0], oracle_values(x)[0])
+    # By hand: amax 2688 gives S_enc = 1; a block max of 7.5 * 2^-9 has the E4M3 subnormal scale 2^-9
+    # (1.25 * 2^-9 rounds down), so |x| * enc = 7.5: clamped to 6 it decodes to 6 * 2^-9, where rounding
+    # the unclamped 7.5 would give 8 * 2^-9.
+    y = torch.zeros(1, 32)
+    y[0, 0], y[0, 16] = 2688.0, -7.5 * 2**-9
+    assert quantize_dequantize_unscaled(y)[0][0, 16].item() == -6 * 2**-9
+    for zeros in (torch.zeros(2, 16), -torch.zeros(2, 16)):
+        values, amax = quantize_dequantize_unscaled(zeros)
+        assert amax.item() == 0.0
+        _assert_same_bits(values, zeros.numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_dequantize_equals_packed_path(dtype):
+    """A larger normal + heavy-tailed sample: the oracle, and bit for bit the packed path."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(64, 512, generator=g), _student_t((64, 512), df=1.5)]).clamp(-6e4, 6e4).to(dtype)
+    values, amax = quantize_dequantize_unscaled(x)
+    _assert_same_bits(values, oracle_values(x)[0])
+    packed = quantize(x)
+    assert torch.equal(values.view(torch.int32), packed.dequantize_unscaled().view(torch.int32))
+    assert amax.item() == packed.amax.item()
+
+
+def test_quantize_dequantize_block_scale_product_order():
+    """Blocks whose exact scaled amax (block_amax * 2688 / (6 * amax)) sits just below an E4M3 midpoint,
+    where TE's fp32 product block_amax * (S_enc * fl(1/6)) rounds up and exact arithmetic rounds down.
+    By hand for amax 1000 and block amax 0.0414167121...: TE's scale is 0.01953125 (exact: 0.017578125),
+    the block max becomes 0.0414167 / (0.01953125 / 2.688) = 5.70 -> 6, value 6 * 0.01953125."""
+    block_maxima = [0.0414167121052742, 0.0588553287088871, 0.0675746351480484, 0.0828334242105484]
+    x = torch.zeros(1, 16 * (1 + len(block_maxima)))
+    x[0, 0] = 1000.0
+    for i, b in enumerate(block_maxima, start=1):
+        x[0, 16 * i] = b
+        x[0, 16 * i + 1] = -b / 3
+    values = quantize_dequantize_unscaled(x)[0]
+    assert values[0, 16].item() == 6 * 0.01953125
+    _assert_same_bits(values, oracle_values(x)[0])
+
+
+def test_quantize_dequantize_chunks_shapes_and_out_buffer(monkeypatch):
+    import solrl_core.quant.nvfp4 as nvfp4
+
+    x = _student_t((300, 272)).reshape(3, 100, 272)
+    whole = quantize_dequantize_unscaled(x)[0]
+    assert whole.shape == x.shape
+    _assert_same_bits(whole, oracle_values(x)[0].reshape(300, 272))
+    monkeypatch.setattr(nvfp4, "_CHUNK_ELEMENTS", 272 * 7)  # many chunks, the last one short
+    out = torch.full((x.numel(),), float("nan"))
+    values, _ = quantize_dequantize_unscaled(x, out=out)
+    assert values.data_ptr() == out.data_ptr()
+    assert torch.equal(values.view(torch.int32), whole.view(torch.int32))
+    transposed = x.reshape(300, 272).T.contiguous().T  # a non-contiguous input is read correctly
+    assert torch.equal(quantize_dequantize_unscaled(transposed)[0].view(torch.int32),
+                       whole.reshape(300, 272).view(torch.int32))
+
+
+def test_quantize_dequantize_errors_name_the_tensor():
+    with pytest.raises(ValueError, match="'blk.attn.to_q'.*NaN") as err:
+        quantize_dequantize_unscaled(torch.tensor([[float("nan")] + [0.0] * 15]), name="blk.attn.to_q")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quantize_dequantize_unscaled(torch.zeros(2, 20), name="x")

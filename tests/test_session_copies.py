@@ -55,8 +55,11 @@ def test_lora_refresh_equals_quantizing_a_fresh_merged_copy(folder, tmp_path, ba
     assert refreshed.keys() == fresh.keys() and any(k.startswith("quantized:") for k in fresh)
     assert [k for k in fresh if not torch.equal(refreshed[k], fresh[k])] == []
     changed = [k for k in fresh if not torch.equal(refreshed[k], before[k])]
-    assert changed and all(k.startswith("quantized:") for k in changed)  # only adapter-targeted layers moved
     targeted = {n for n, _ in lora_layers(model)}
+    # Only adapter-targeted layers moved: quantized ones, and those the preset keeps in high precision
+    # (SANA's self-attention to_q / to_k / to_v).
+    owners = {k.removeprefix("quantized:").removesuffix(".weight").removesuffix(".bias") for k in changed}
+    assert any(k.startswith("quantized:") for k in changed) and owners <= targeted
     assert sorted(refreshed_layers) == sorted(n for n in targeted if f"quantized:{n}" in fresh)
     assert len(refreshed_layers) < sum(k.startswith("quantized:") for k in fresh)  # the others were left alone
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
+from dataclasses import replace
 from typing import Any
 
 from ..ops.registry import get_op
@@ -21,10 +23,12 @@ def _err(msg: str, source: str, nid: str, entry: dict, input_name: str | None = 
                          input_name=input_name)
 
 
-def validate(api: Any, source: str = "workflow") -> ApiGraph:
+def validate(api: Any, source: str = "workflow", skip_checks: Collection[str] = ()) -> ApiGraph:
     """Check a whole API-format graph; returns a normalised copy (defaults filled in).
 
     Raises the first problem found, visiting nodes in id order so the message is stable.
+    `skip_checks`: node types whose own check (files on disk, ...) is left out (the memory plan
+    needs configs, not weights).
     """
     if not isinstance(api, dict):
         raise WorkflowError(f"expected a JSON object at the top level, got {type(api).__name__}", source=source)
@@ -92,6 +96,8 @@ def validate(api: Any, source: str = "workflow") -> ApiGraph:
     for nid, entry in graph.items():
         spec = specs[nid]
         if spec.validate is not None or spec.settings is not None:
+            if spec.id in skip_checks:  # keep the settings' checks, leave out the hook's
+                spec = replace(spec, validate=None)
             literals = {k: v for k, v in entry["inputs"].items() if not is_link(v)}
             linked = {k: {"class_type": graph[v[0]]["class_type"],
                           **{n: x for n, x in graph[v[0]]["inputs"].items() if not is_link(x)}}

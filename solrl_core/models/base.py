@@ -58,6 +58,16 @@ class Conditioning:
                                  for f in fields(first) if getattr(first, f.name) is not None})
 
 
+@dataclass(frozen=True)
+class ConditioningShape:
+    """What `encode` returns per sample: `tokens` x `width` embeddings, a pooled vector, a mask."""
+
+    tokens: int
+    width: int
+    pooled: int | None = None
+    masked: bool = False
+
+
 def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...], device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> Tensor:
     """One N(0, I) sample of `shape` per seed, each from its own CPU generator.
@@ -82,8 +92,6 @@ class FlowPolicy:
 
     family: str = ""
     default_solver: str = "euler"
-    quant_skip_patterns: tuple[str, ...] = ()
-    quant_min_dim: int = 0
     lora_target_modules: tuple[str, ...] = ()
     resolution: tuple[int, int] = (1024, 1024)
 
@@ -108,6 +116,10 @@ class FlowPolicy:
             if p not in self._prompt_cache:
                 self._prompt_cache[p] = self._encode_uncached(p).to(self.device)
         return Conditioning.cat([self._prompt_cache[p] for p in prompts])
+
+    def conditioning_shape(self) -> ConditioningShape:
+        """Per-sample shapes of `encode`'s output (the memory plan sizes buffers and traces with it)."""
+        raise NotImplementedError
 
     def _encode_uncached(self, prompt: str) -> Conditioning:
         raise NotImplementedError

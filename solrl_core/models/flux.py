@@ -9,15 +9,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning, FlowPolicy, batch_sigma, decode_shifted_kl
+from .base import Conditioning, ConditioningShape, FlowPolicy, batch_sigma, decode_shifted_kl
 from .schedules import flux_shift_mu, scheduler_sigmas
 
 
 class FluxPolicy(FlowPolicy):
     family = "flux"
     default_solver = "dpm2"
-    quant_skip_patterns = ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")
-    quant_min_dim = 1000
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(self, components: dict, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -41,6 +39,11 @@ class FluxPolicy(FlowPolicy):
         embeds, pooled, _ = self.pipeline.encode_prompt(prompt=[prompt], prompt_2=None, device=self.device,
                                                         max_sequence_length=self.max_sequence_length)
         return Conditioning(embeds=embeds.to(self.dtype), pooled=pooled.to(self.dtype))
+
+    def conditioning_shape(self) -> ConditioningShape:
+        config = self.transformer.config
+        return ConditioningShape(self.max_sequence_length, int(config.joint_attention_dim),
+                                 int(config.pooled_projection_dim))
 
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         height = height or self.resolution[0]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .base import FlowPolicy, ModelNotFoundError
+from .published import has_weights
 
 EMBEDDED_DIR = Path(__file__).parent / "tiny" / "weights"
 SETTINGS_FILE = "solrl.json"
@@ -39,11 +40,21 @@ def load_policy(source: str, family: str = "auto", device: torch.device | str = 
     if family not in ("auto", *FAMILIES):
         raise ValueError(f"unknown model family {family!r}: use 'auto' or one of {', '.join(FAMILIES)}")
     root, transformer_file = resolve_source(source, base, cache_dir)
+    if transformer_file is None and not has_weights(root):
+        raise ModelNotFoundError(f"{root} holds configs only, no weights (such folders serve --plan and "
+                                 f"meta-device checks): point to a downloaded model")
     index = json.loads((root / "model_index.json").read_text())
     fam = detect_family(root, index) if family == "auto" else family
-    options = {**_read_settings(root), **settings}
+    options = {**read_settings(root), **settings}
     components = _load_components(root, index, fam, dtype, transformer_file)
-    policy = _build(fam, components, device, dtype, str(transformer_file or source), options)
+    return policy_from_components(fam, components, device, dtype, str(transformer_file or source), **options)
+
+
+def policy_from_components(family: str, components: dict, device: torch.device | str = "cpu",
+                           dtype: torch.dtype = torch.float32, source: str = "", **settings) -> FlowPolicy:
+    """The family's adapter around already built pipeline components (transformer, scheduler, vae,
+    text_encoder*, tokenizer*), moved to `device`; text encoders and VAE frozen in eval mode."""
+    policy = _build(family, components, device, dtype, source, dict(settings))
     policy.transformer.to(device)
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
         module = getattr(policy, name, None)
@@ -140,7 +151,7 @@ def detect_family(root: Path, index: dict) -> str:
                      f"one of {', '.join(FAMILIES)}")
 
 
-def _read_settings(root: Path) -> dict:
+def read_settings(root: Path) -> dict:
     path = root / SETTINGS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning, FlowPolicy, batch_sigma
+from .base import Conditioning, ConditioningShape, FlowPolicy, batch_sigma
 
 
 def default_complex_human_instruction() -> tuple[str, ...]:
@@ -25,10 +25,6 @@ def default_complex_human_instruction() -> tuple[str, ...]:
 class SanaPolicy(FlowPolicy):
     family = "sana"
     default_solver = "euler"
-    # Embedders, time/caption embedders and the output norm/projection stay high precision.
-    quant_skip_patterns = ("patch_embed", "time_embed", "caption_projection", "caption_norm", "norm_out",
-                           "proj_out")
-    quant_min_dim = 2240
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(self, transformer: nn.Module, text_encoder: nn.Module, tokenizer, vae: nn.Module | None = None,
@@ -67,6 +63,9 @@ class SanaPolicy(FlowPolicy):
         # drops the instruction, keeps the user prompt.
         keep = [0, *range(-self.max_sequence_length + 1, 0)]
         return Conditioning(embeds=embeds[:, keep].to(self.dtype), mask=mask[:, keep])
+
+    def conditioning_shape(self) -> ConditioningShape:
+        return ConditioningShape(self.max_sequence_length, int(self.transformer.config.caption_channels), masked=True)
 
     # --- latents --------------------------------------------------------------------------
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:

@@ -4,15 +4,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning, FlowPolicy, batch_sigma, decode_shifted_kl
+from .base import Conditioning, ConditioningShape, FlowPolicy, batch_sigma, decode_shifted_kl
 from .schedules import flux_shift_mu, scheduler_sigmas
+
+CLIP_TOKENS = 77
 
 
 class SD3Policy(FlowPolicy):
     family = "sd3"
     default_solver = "dpm2"
-    quant_skip_patterns = ("pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out")
-    quant_min_dim = 2432
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                            "to_add_out")
 
@@ -42,6 +42,12 @@ class SD3Policy(FlowPolicy):
             prompt=[prompt], prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length)
         return Conditioning(embeds=embeds.to(self.dtype), pooled=pooled.to(self.dtype))
+
+    def conditioning_shape(self) -> ConditioningShape:
+        # CLIP-L and CLIP-G (77 tokens, widths concatenated, padded to T5's) followed by T5's tokens.
+        config = self.transformer.config
+        return ConditioningShape(CLIP_TOKENS + self.max_sequence_length, int(config.joint_attention_dim),
+                                 int(config.pooled_projection_dim))
 
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         height = height or self.resolution[0]

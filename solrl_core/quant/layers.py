@@ -5,13 +5,16 @@ while training uses the high-precision model.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from . import nvfp4
 from .backends import import_transformer_engine
-from .nvfp4 import E4M3_MAX, NVFP4_RANGE, NVFP4Tensor, quantize
+from .nvfp4 import E4M3_MAX, NVFP4_RANGE, NVFP4Tensor, quantize, quantize_dequantize_unscaled, scratch
 
 # alpha = amax_A * amax_B / (6 * 6 * 448 * 448) rescales a GEMM of unscaled (e2m1 * e4m3) operands.
 GEMM_ALPHA_DIVISOR = NVFP4_RANGE * NVFP4_RANGE
@@ -72,12 +75,51 @@ def as_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().reshape(weight.shape[0], -1)
 
 
+class _LastActivation(threading.local):
+    """The activation path of NVFP4Linear: quantize and dequantize in one fused pass (bit-identical to
+    quantize(...).dequantize_unscaled()) into a per-thread scratch buffer that the GEMM reads.
+
+    Attention projections receive one tensor several times in a row (to_q, to_k, to_v of the same
+    hidden states; to_k, to_v of the same text states): on CPU, a call with the very tensor the
+    previous call on this thread quantized, unchanged, reuses its result. "Unchanged" is checked with
+    the version counter that in-place ops bump (grad and no_grad mode). Inference-mode tensors have
+    none, so an in-place write could go unseen: they are always quantized afresh.
+    """
+
+    source: torch.Tensor | None = None
+    key: tuple = ()
+    values: torch.Tensor | None = None
+    amax: torch.Tensor | None = None
+
+    @staticmethod
+    def _key(x: torch.Tensor) -> tuple:
+        return x.data_ptr(), x.shape, x.stride(), x.dtype, x._version
+
+    def quantize(self, x: torch.Tensor, rows: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.device.type != "cpu" or x.is_inference():
+            return quantize_dequantize_unscaled(rows, name=name)
+        key = self._key(x)
+        if self.source is x and self.key == key:
+            return self.values, self.amax
+        self.source = self.values = None  # the scratch buffer is about to be overwritten
+        values, amax = quantize_dequantize_unscaled(
+            rows, scratch("activation", rows.numel(), torch.float32, x.device), name=name)
+        if 4 * values.numel() <= nvfp4.SCRATCH_KEEP_BYTES:  # never hold on to a large one-off buffer
+            self.source, self.key, self.values, self.amax = x, key, values, amax
+        return values, amax
+
+
+_LAST_ACTIVATION = _LastActivation()
+
+
 class NVFP4Linear(QuantizedLayer):
     """Emulated W4A4 NVFP4 linear: the numerical reference on every device.
 
     Weight: NVFP4 with `tile` blocks (stored packed). Activation: quantized on every call with a fresh
     amax, 1x16 blocks along K. Output = (unscaled A) @ (unscaled W)^T in fp32 * alpha, + bias in fp32,
-    cast to the input dtype. `cache_dequantized` keeps the unscaled fp32 weight (exact, 8x the memory).
+    cast to the input dtype; the operands are bit-exact, the GEMM exact up to accumulation order (on
+    CPU alpha and bias are applied inside the GEMM call). `cache_dequantized` keeps the unscaled fp32
+    weight (exact, 8x the memory; what the explorer uses).
     """
 
     backend = "emulated"
@@ -124,16 +166,42 @@ class NVFP4Linear(QuantizedLayer):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        qa = quantize(x.reshape(-1, self.in_features), (1, 16), name=self.name)
-        torch.maximum(self.input_amax, qa.amax, out=self.input_amax)
+        rows = x.reshape(-1, self.in_features)
+        a, amax = _LAST_ACTIVATION.quantize(x, rows, self.name)
+        torch.maximum(self.input_amax, amax, out=self.input_amax)
         w = self._weight_unscaled
         if w is None:
             w = self.nvfp4_weight().dequantize_unscaled()
-        out = qa.dequantize_unscaled() @ w.T
-        out.mul_(qa.amax * self.weight_amax / GEMM_ALPHA_DIVISOR)
-        if self.bias is not None:
-            out.add_(self.bias.float())
+        alpha = amax * self.weight_amax / GEMM_ALPHA_DIVISOR
+        bias = None if self.bias is None else self.bias.float()
+        if x.device.type != "cpu":  # no host sync for alpha on accelerators
+            out = (a @ w.T).mul_(alpha)
+            return (out if bias is None else out.add_(bias)).to(x.dtype).reshape(*lead, self.out_features)
+        if self.pointwise_conv and x.dim() == 4:
+            return self._pointwise_conv_gemm(a.view(x.shape), w, alpha.item(), bias).to(x.dtype)
+        out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        if bias is None:  # alpha and bias fused into the GEMM (one pass over the output)
+            torch.addmm(out, a, w.T, beta=0, alpha=alpha.item(), out=out)
+        else:
+            torch.addmm(bias, a, w.T, alpha=alpha.item(), out=out)
         return out.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _pointwise_conv_gemm(self, a: torch.Tensor, w: torch.Tensor, alpha: float,
+                             bias: torch.Tensor | None) -> torch.Tensor:
+        """(B, H, W, C) activations through the kernel of the 1x1 convolution this layer replaces (oneDNN
+        on CPU, much faster than the BLAS GEMM on some CPUs), channels-last in and out. alpha goes into
+        the smaller operand: the weight (more tokens than input channels) or the output."""
+        a = a.permute(0, 3, 1, 2)
+        shape = (self.out_features, self.in_features, 1, 1)
+        if a.numel() // self.in_features >= self.in_features:
+            out = F.conv2d(a, w.mul(alpha).view(shape), bias)
+        else:
+            out = F.conv2d(a, w.view(shape))
+            if bias is None:
+                out.mul_(alpha)
+            else:
+                torch.add(bias.view(1, -1, 1, 1), out, alpha=alpha, out=out)
+        return out.permute(0, 2, 3, 1)
 
 
 class Int8DynamicLinear(QuantizedLayer):
@@ -221,8 +289,10 @@ class TELinear(QuantizedLayer):
         return n * 9 // 16 + 4 if self.backend == "te_nvfp4" else n + 4
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
+        # te.Linear flattens its input with view(-1, in_features): a 1x1 conv's channels-last view
+        # (x.movedim(1, -1)) is not contiguous and would be rejected.
         with self._te.autocast(enabled=True, recipe=self.recipe):
-            return self.inner(x)
+            return self.inner(x.contiguous())
 
 
 def make_quantized_layer(backend: str, module: nn.Module, name: str, tile: tuple[int, int],

@@ -11,11 +11,7 @@ from torch import nn
 
 from .backends import select_backend
 from .layers import QuantizedLayer, as_matrix, make_quantized_layer
-
-# Reference thresholds (spec, algorithm section 4): skip layers with max(in, out) <= min_dim.
-FAMILY_MIN_DIM = {"sd3": 2432, "flux": 1000, "sana": 2240}
-# Embedders (patch, timestep, text, guidance, caption), the final norm and the output projection.
-DEFAULT_SKIP = ("*embed*", "*caption_projection*", "*norm_out*", "proj_out")
+from .presets import preset_for
 
 REPORT_ATTRIBUTE = "solrl_quant_report"
 
@@ -26,10 +22,12 @@ class QuantConfig:
 
     Patterns are fnmatch globs matched against the full module name (e.g. "transformer_blocks.*.ff.*").
     A layer is quantized when it matches `include`, or else when it matches no `skip` pattern and
-    max(in, out) > min_dim. `pointwise_convs` also quantizes 1x1 Conv2d (SANA's feed-forward).
+    max(in, out) > min_dim; in both cases its shape must suit the format (multiples of 16).
+    `pointwise_convs` also quantizes 1x1 Conv2d (SANA's feed-forward). A model family's explorer
+    is `QuantConfig.for_family(family)` (presets.py); the bare default quantizes every eligible layer.
     """
 
-    skip: tuple[str, ...] = DEFAULT_SKIP
+    skip: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     min_dim: int = 0
     weight_tile: tuple[int, int] = (16, 16)
@@ -37,8 +35,13 @@ class QuantConfig:
     pointwise_convs: bool = True
 
     @classmethod
-    def for_family(cls, family: str, **overrides) -> QuantConfig:
-        return cls(min_dim=FAMILY_MIN_DIM[family.lower()], **overrides)
+    def for_family(cls, family: str, min_dim: int | None = None, **overrides) -> QuantConfig:
+        """The family's reference preset (skip / include globs, threshold); `min_dim` None keeps the
+        preset's threshold, `overrides` replace other fields."""
+        preset = preset_for(family)
+        fields = {"skip": preset.skip, "include": preset.include,
+                  "min_dim": preset.min_dim if min_dim is None else min_dim}
+        return cls(**{**fields, **overrides})
 
 
 @dataclass
@@ -104,21 +107,55 @@ def _channels_first(module: nn.Module) -> bool:
 
 def skip_reason(name: str, module: nn.Module, config: QuantConfig) -> str | None:
     """Why `module` stays high precision, or None when it gets quantized."""
-    if _matches(name, config.include):
-        return None
-    if _matches(name, config.skip):
-        return "matches a skip pattern"
     if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward \
             and not _channels_first(module):
         return f"{type(module).__name__} overrides nn.Linear.forward (set channels_first = True if it is a 1x1 conv)"
     w = as_matrix(module.weight)
-    if max(w.shape) <= config.min_dim:
-        return f"max(in, out) = {max(w.shape)} <= min_dim {config.min_dim}"
     if w.shape[1] % 16:
         return f"in_features {w.shape[1]} is not a multiple of 16"
     if config.weight_tile == (16, 16) and w.shape[0] % 16:
         return f"out_features {w.shape[0]} is not a multiple of 16 (16x16 tiles)"
+    if _matches(name, config.include):
+        return None
+    if _matches(name, config.skip):
+        return "matches a skip pattern"
+    if max(w.shape) <= config.min_dim:  # `<=`: a layer exactly at the threshold stays high precision
+        return f"max(in, out) = {max(w.shape)} <= min_dim {config.min_dim}"
     return None
+
+
+def select_layers(model: nn.Module, config: QuantConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """(layers to quantize, {skipped layer: reason}) in module order; reads shapes only (meta models work)."""
+    chosen: dict[str, nn.Module] = {}
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not name or not _candidate(module, config):
+            continue
+        reason = skip_reason(name, module, config)
+        if reason is None:
+            chosen[name] = module
+        else:
+            skipped[name] = reason
+    return chosen, skipped
+
+
+def quantized_weight_nbytes(backend: str, out_features: int, in_features: int, *, cache_dequantized: bool = False,
+                            source_element_size: int = 2) -> int:
+    """Bytes one quantized weight holds on its device, without building it (the memory plan uses this).
+
+    emulated: NVFP4 (0.5 B per element + one E4M3 scale per 16 + 4 B tensor scale, nvfp4.md) plus
+    the fp32 unscaled copy when `cache_dequantized`; te_*: Transformer Engine keeps the weight at the
+    model's dtype (`source_element_size` bytes) and quantizes it per call; cpu_int8: int8 plus one
+    fp32 scale per row.
+    """
+    n = out_features * in_features
+    if backend == "emulated":
+        return n // 2 + n // 16 + 4 + (4 * n if cache_dequantized else 0)
+    if backend in ("te_nvfp4", "te_fp8"):
+        return source_element_size * n
+    if backend == "cpu_int8":
+        return n + 4 * out_features
+    raise ValueError(f"backend {backend!r} holds no quantized weights")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -141,12 +178,11 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, backend:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     choice = select_backend(backend, device)
     report = QuantReport(choice.name, choice.reason)
-    targets = [(n, m) for n, m in model.named_modules() if n and _candidate(m, config)]
-    for name, module in targets:
-        reason = "backend 'none'" if choice.name == "none" else skip_reason(name, module, config)
-        if reason is not None:
-            report.skipped[name] = reason
-            continue
+    chosen, report.skipped = select_layers(model, config)
+    if choice.name == "none":
+        report.skipped.update({name: "backend 'none'" for name in chosen})
+        chosen = {}
+    for name, module in chosen.items():
         layer = make_quantized_layer(choice.name, module, name, config.weight_tile, config.cache_dequantized,
                                      channels_first=_channels_first(module))
         weight = as_matrix(module.weight)

@@ -1,12 +1,19 @@
 """NVFP4 format: E2M1 elements in blocks of 16 with an E4M3 block scale and an FP32 tensor scale.
 
 The arithmetic is Transformer Engine's quantizer (see the project's NVFP4 spec), reproduced bit for
-bit in fp32. The implementation is vectorised over whole row chunks; it walks the rows in chunks
-of about one megabyte so that its work buffers stay in cache and are allocated once per call
-(on CPUs, first-touching fresh 64 MB temporaries costs more than the arithmetic itself).
+bit in fp32. The implementation is vectorised over row chunks of about a megabyte per CPU thread
+so that its work buffers stay in cache, and those buffers are kept per thread between calls (on
+CPUs, first-touching fresh multi-megabyte temporaries costs more than the arithmetic itself).
+
+Two entry points: `quantize` (packed codes and E4M3 scales: weights, checkpoints) and
+`quantize_dequantize_unscaled` (the activation path of the emulated W4A4 linear: the same
+rounding, straight to dequantized values, no packing).
 """
 from __future__ import annotations
 
+import math
+import struct
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +33,10 @@ E2M1_VALUES = torch.tensor(
 # Both nibbles of every byte decoded at once: row b holds (value of low nibble, value of high nibble).
 _BYTE_TO_PAIR = torch.stack([E2M1_VALUES[torch.arange(256) & 15], E2M1_VALUES[torch.arange(256) >> 4]], 1)
 
-_CHUNK_ELEMENTS = 1 << 17
+_CHUNK_ELEMENTS = 1 << 18  # per thread (1 MiB of fp32): the fastest of 2^16..2^21 on a 1 MiB-L2 CPU
 _F32_EXPONENT_MASK = 0x7F800000
 _F32_ONE_BITS = 0x3F800000
+_F32_SIGN_BIT = -(1 << 31)  # 0x80000000 as an int32
 _F32_MANTISSA_BITS = 23
 
 
@@ -55,7 +63,7 @@ class NVFP4Tensor:
         """e2m1 * block_scale in fp32 (exact: at most 2+4 significant bits), without the tensor scale."""
         k = self.shape[-1]
         packed = self.packed.reshape(-1, k // 2)
-        scales = self.block_scales.reshape(-1, k // BLOCK, 1).float()
+        scales = _e4m3_to_float(self.block_scales).reshape(-1, k // BLOCK, 1)
         out = torch.empty(packed.shape[0], k, dtype=torch.float32, device=packed.device)
         if _denormals_preserved():
             _decode_scaled(packed, scales, out)
@@ -73,11 +81,33 @@ class NVFP4Tensor:
                            self.tensor_scale.to(device), self.amax.to(device), self.tile)
 
 
-def encode_scale(amax: torch.Tensor) -> torch.Tensor:
-    """S_enc = min(2688 / amax, FLT_MAX), 1 when amax == 0 (fp32 scalar)."""
-    amax = amax.float()
-    s_enc = (torch.tensor(NVFP4_RANGE, device=amax.device) / amax).clamp(max=FLT_MAX)
-    return torch.where(amax == 0, torch.ones_like(s_enc), s_enc)
+def _fp32(value: float) -> float:
+    """Round a Python float to the nearest fp32 value (ties to even)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _tensor_scales(amax: float) -> tuple[float, float]:
+    """(S_dec, S_enc * (1/6)) as exact fp32 values, from the fp32 tensor amax.
+
+    One fp32 operation each, done in double and rounded once: for +, *, / of fp32 operands that
+    gives the correctly rounded fp32 result (double has more than 2 * 24 + 2 bits), so this is
+    Transformer Engine's fp32 arithmetic without a round of tiny tensor ops per call.
+    """
+    s_enc = 1.0 if amax == 0 else _fp32(min(NVFP4_RANGE / amax, FLT_MAX))
+    return _fp32(1.0 / s_enc), _fp32(s_enc * _fp32(1 / E2M1_MAX))
+
+
+# Every E4M3 byte decoded (torch's own cast; index 0x7F / 0xFF decode to NaN): the table lookup is
+# several times faster than the element-wise float8 -> float32 cast on CPU.
+_E4M3_DECODE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def _e4m3_to_float(scales: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn -> float32, exact (a table lookup on CPU)."""
+    if scales.device.type != "cpu":
+        return scales.float()
+    codes = scales.view(torch.uint8).reshape(-1).int()
+    return torch.index_select(_E4M3_DECODE, 0, codes).view(scales.shape)
 
 
 def _label(name: str | None) -> str:
@@ -96,6 +126,92 @@ def _check_input(x: torch.Tensor, tile: tuple[int, int], name: str | None) -> No
         raise ValueError(f"NVFP4 quantize of {label}: 16x16 tiles need rows a multiple of 16, got shape {tuple(x.shape)}")
 
 
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    rows = x.detach().reshape(-1, x.shape[-1])
+    return rows if rows.is_contiguous() else rows.contiguous()
+
+
+def _chunks(n_rows: int, k: int, device: torch.device, multiple: int = 1) -> list[tuple[int, int]]:
+    """Row ranges (a multiple of `multiple` rows each) of about _CHUNK_ELEMENTS elements per CPU thread,
+    so that a chunk's work buffers stay in the cores' caches; one range on other devices."""
+    if device.type != "cpu":
+        return [(0, n_rows)] if n_rows else []
+    per_chunk = _CHUNK_ELEMENTS * max(1, torch.get_num_threads())
+    step = max(multiple, (per_chunk // k) // multiple * multiple)
+    return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+class _Workspace(threading.local):
+    """Per-thread scratch buffers kept between calls on CPU: allocating fresh megabyte temporaries on
+    every call costs page faults that exceed the arithmetic. Buffers above SCRATCH_KEEP_BYTES are not kept."""
+
+    def get(self, slot: str, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        device = torch.device(device)
+        buf = self.__dict__.get(slot)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            if device.type == "cpu" and numel * buf.element_size() <= SCRATCH_KEEP_BYTES:
+                self.__dict__[slot] = buf
+        return buf[:numel]
+
+
+SCRATCH_KEEP_BYTES = 64 << 20
+_WORKSPACE = _Workspace()
+
+
+def scratch(slot: str, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A flat per-thread scratch tensor named `slot`, reused by later calls (CPU): its contents are
+    valid until the next call for the same slot on this thread."""
+    return _WORKSPACE.get(slot, numel, dtype, device)
+
+
+def _magnitudes(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """|x| as fp32 into `out` (an exact upcast for bf16 / fp16)."""
+    if x.dtype == torch.float32:
+        return torch.abs(x, out=out)
+    return out.copy_(x).abs_()  # abs has no mixed-dtype out= variant
+
+
+def _block_amax(rows: torch.Tensor, spans: list[tuple[int, int]], mag: torch.Tensor) -> torch.Tensor:
+    """Max |x| of each 1x16 block, (rows, K/16) fp32, walking `spans`. `mag` receives |x|: either
+    (rows, K), every chunk in its own rows, or one chunk's scratch rows reused by every chunk.
+
+    Non-negative floats order like their bit patterns, and the integer max is the faster reduction.
+    """
+    n, k = rows.shape
+    bits = torch.empty(n, k // BLOCK, dtype=torch.int32, device=rows.device)
+    reuse = mag.shape[0] < n
+    for start, stop in spans:
+        m = _magnitudes(rows[start:stop], mag[:stop - start] if reuse else mag[start:stop])
+        torch.amax(m.view(torch.int32).view(stop - start, k // BLOCK, BLOCK), -1, out=bits[start:stop])
+    return bits.view(torch.float32)
+
+
+def _block_scales(block_amax: torch.Tensor, tile_rows: int,
+                  name: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tensor amax, E4M3 block scales, the same as fp32, fp32 per-block encode scales) from the 1x16
+    block maxima."""
+    amax = block_amax.max() if block_amax.numel() else block_amax.new_zeros(())
+    amax_value = amax.item()
+    if not math.isfinite(amax_value):
+        raise ValueError(f"NVFP4 quantize of {_label(name)}: input contains NaN or Inf")
+    s_dec, s_enc_over_6 = _tensor_scales(amax_value)
+    if tile_rows > 1:
+        n = block_amax.shape[0]
+        block_amax = block_amax.view(n // tile_rows, tile_rows, -1).amax(1).repeat_interleave(tile_rows, 0)
+    s_blk = (block_amax * s_enc_over_6).clamp_(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    s_blk_f = _e4m3_to_float(s_blk)
+    enc = torch.reciprocal(s_blk_f * s_dec).clamp_(max=FLT_MAX)
+    return amax, s_blk, s_blk_f, enc
+
+
+def _scaled_magnitudes(mag: torch.Tensor, enc: torch.Tensor, saturate: bool = True) -> torch.Tensor:
+    """|x| * enc clamped to 6 (|x * enc| == |x| * enc since enc > 0), in place on (rows, K)."""
+    n, k = mag.shape
+    mag.view(n, k // BLOCK, BLOCK).mul_(enc.unsqueeze(-1))
+    return mag.clamp_(max=E2M1_MAX) if saturate else mag
+
+
 def quantize(x: torch.Tensor, tile: tuple[int, int] = (1, 16), name: str | None = None) -> NVFP4Tensor:
     """Quantize `x` (..., K) to NVFP4 with Transformer Engine's arithmetic, blocks of 16 along K.
 
@@ -104,73 +220,75 @@ def quantize(x: torch.Tensor, tile: tuple[int, int] = (1, 16), name: str | None 
     """
     tile = tuple(tile)
     _check_input(x, tile, name)
-    x = x.detach()
-    k = x.shape[-1]
-    rows = x.reshape(-1, k)
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
-    lo, hi = torch.aminmax(rows) if rows.numel() else (rows.new_zeros(()), rows.new_zeros(()))
-    amax = torch.maximum(-lo, hi).float()
-    if not torch.isfinite(amax):
-        raise ValueError(f"NVFP4 quantize of {_label(name)}: input contains NaN or Inf")
-    s_enc = encode_scale(amax)
-    s_dec = torch.reciprocal(s_enc)
-    s_enc_over_6 = s_enc * torch.tensor(1 / E2M1_MAX, dtype=torch.float32, device=x.device)
+    rows = _as_rows(x)
+    n_rows, k = rows.shape
+    spans = _chunks(n_rows, k, x.device, tile[0])
+    chunk = spans[0][1] if spans else 0
+    mag = _WORKSPACE.get("mag", chunk * k, torch.float32, x.device).view(chunk, k)
+    amax, s_blk, _, enc = _block_scales(_block_amax(rows, spans, mag), tile[0], name)
 
-    n_rows = rows.shape[0]
     packed = torch.empty(n_rows, k // 2, dtype=torch.uint8, device=x.device)
-    scales = torch.empty(n_rows, k // BLOCK, dtype=torch.float8_e4m3fn, device=x.device)
-    tile_rows = tile[0]
-    chunk = max(tile_rows, (_CHUNK_ELEMENTS // k) // tile_rows * tile_rows)
-    work = _Workspace(min(chunk, n_rows), k, x.device)
-    for start in range(0, n_rows, chunk):
-        stop = min(start + chunk, n_rows)
-        _quantize_rows(rows[start:stop], tile_rows, s_enc_over_6, s_dec,
-                       packed[start:stop], scales[start:stop], work)
+    exp = _WORKSPACE.get("exp", chunk * k, torch.int32, x.device).view(chunk, k)
+    pair = _WORKSPACE.get("pair", chunk * k // 2, torch.int64, x.device).view(chunk, k // 2)
+    sign = _WORKSPACE.get("sign", chunk * k, torch.bool, x.device).view(chunk, k)
+    for start, stop in spans:
+        r = stop - start
+        m = _scaled_magnitudes(_magnitudes(rows[start:stop], mag[:r]), enc[start:stop])
+        codes = _e2m1_magnitude_codes(m, exp[:r])
+        _add_sign_bits(rows[start:stop], codes, exp[:r], sign[:r])
+        # Pack pairs through a 64-bit view: one int64 holds (code 2i, code 2i+1 << 32), little-endian, so
+        # (v | v >> 28) has code 2i in bits 0-3 and code 2i+1 in bits 4-7; the uint8 cast keeps that byte.
+        pairs = codes.view(torch.int64)
+        torch.bitwise_right_shift(pairs, 28, out=pair[:r])
+        pair[:r].bitwise_or_(pairs)
+        packed[start:stop].copy_(pair[:r])
     lead = x.shape[:-1]
-    return NVFP4Tensor(packed.reshape(*lead, k // 2), scales.reshape(*lead, k // BLOCK),
+    return NVFP4Tensor(packed.reshape(*lead, k // 2), s_blk.reshape(*lead, k // BLOCK),
                        amax / NVFP4_RANGE, amax, tile)
 
 
-class _Workspace:
-    """Buffers reused across row chunks."""
+def quantize_dequantize_unscaled(x: torch.Tensor, out: torch.Tensor | None = None,
+                                 name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize(x) followed by dequantize_unscaled(), fused, without packing: (values, amax).
 
-    def __init__(self, rows: int, k: int, device: torch.device):
-        self.mag = torch.empty(rows, k, dtype=torch.float32, device=device)
-        self.exp = torch.empty(rows, k, dtype=torch.int32, device=device)
-        self.sign = torch.empty(rows, k, dtype=torch.bool, device=device)
-        self.pair = torch.empty(rows, k // 2, dtype=torch.int64, device=device)
+    values: e2m1 * block_scale in fp32 with the shape of `x` (1x16 blocks), bit-identical to
+    quantize(x).dequantize_unscaled() including the sign of zeros; amax: the fp32 tensor amax.
+    The magnitudes are rounded straight onto the E2M1 grid and multiplied by the block scale; no
+    codes are formed. `out` (optional, fp32, x.numel() elements) receives the values. This is the
+    activation path of the emulated W4A4 linear.
+    """
+    _check_input(x, (1, 16), name)
+    rows = _as_rows(x)
+    n_rows, k = rows.shape
+    if out is None:
+        out = torch.empty(n_rows, k, dtype=torch.float32, device=x.device)
+    out = out.view(n_rows, k)
+    spans = _chunks(n_rows, k, x.device)
+    block_amax = _block_amax(rows, spans, out)
+    amax, _, scale, enc = _block_scales(block_amax, 1, name)
+    scale = scale.unsqueeze(-1)
+    # The clamp to 6 only changes a result where |x| * enc reaches 7 (below, the rounding gives 6 anyway);
+    # the largest product of each block tells whether any element does (rare: E4M3 subnormal scales).
+    saturate = bool(enc.numel()) and torch.mul(block_amax, enc).max().item() >= 7.0
+    chunk = spans[0][1] if spans else 0
+    anchor = _WORKSPACE.get("exp", chunk * k, torch.int32, x.device).view(chunk, k)
+    for start, stop in spans:  # `out` holds |x| from the block maxima pass
+        r = stop - start
+        m = _scaled_magnitudes(out[start:stop], enc[start:stop], saturate)
+        c = _grid_anchor(m, anchor[:r]).view(torch.float32)
+        m.add_(c).sub_(c)  # round to the E2M1 grid
+        m.view(r, k // BLOCK, BLOCK).mul_(scale[start:stop])
+        _restore_signs(m, rows[start:stop], anchor[:r])  # -0.0 and values rounding to 0 keep their sign
+    return out.view(x.shape), amax
 
-    def view(self, rows: int) -> tuple[torch.Tensor, ...]:
-        return self.mag[:rows], self.exp[:rows], self.sign[:rows], self.pair[:rows]
 
-
-def _quantize_rows(x: torch.Tensor, tile_rows: int, s_enc_over_6: torch.Tensor, s_dec: torch.Tensor,
-                   packed_out: torch.Tensor, scales_out: torch.Tensor, work: _Workspace) -> None:
-    n, k = x.shape
-    mag, exp, sign, pair = work.view(n)
+def _restore_signs(mag: torch.Tensor, x: torch.Tensor, work: torch.Tensor) -> None:
+    """Give the non-negative fp32 `mag` the signs of x (two integer ops beat copysign for fp32 x)."""
     if x.dtype == torch.float32:
-        torch.abs(x, out=mag)
-    else:  # upcast is exact; abs has no mixed-dtype out= variant
-        mag.copy_(x).abs_()
-    # Max over each block of 16; non-negative floats order like their bit patterns (faster as int).
-    block_amax = mag.view(torch.int32).view(n, k // BLOCK, BLOCK).amax(-1).view(torch.float32)
-    if tile_rows > 1:
-        block_amax = block_amax.view(n // tile_rows, tile_rows, -1).amax(1).repeat_interleave(tile_rows, 0)
-    s_blk = (block_amax * s_enc_over_6).clamp_(max=E4M3_MAX).to(torch.float8_e4m3fn)
-    scales_out.copy_(s_blk)
-    enc = torch.reciprocal(s_blk.float() * s_dec).clamp_(max=FLT_MAX)
-    # |x * enc| == |x| * enc since enc > 0, so scale the magnitudes and take the sign from x.
-    mag.view(n, k // BLOCK, BLOCK).mul_(enc.unsqueeze(-1))
-    mag.clamp_(max=E2M1_MAX)
-    codes = _e2m1_magnitude_codes(mag, exp)
-    _add_sign_bits(x, codes, exp, sign)
-    # Pack pairs through a 64-bit view: one int64 holds (code 2i, code 2i+1 << 32), little-endian, so
-    # (v | v >> 28) has code 2i in bits 0-3 and code 2i+1 in bits 4-7; the uint8 cast keeps that byte.
-    pairs = codes.view(torch.int64)
-    torch.bitwise_right_shift(pairs, 28, out=pair)
-    pair.bitwise_or_(pairs)
-    packed_out.copy_(pair)
+        torch.bitwise_and(x.view(torch.int32), _F32_SIGN_BIT, out=work)
+        mag.view(torch.int32).bitwise_or_(work)
+    else:
+        mag.copysign_(x)
 
 
 def _add_sign_bits(x: torch.Tensor, codes: torch.Tensor, scratch: torch.Tensor, sign: torch.Tensor) -> None:
@@ -183,16 +301,25 @@ def _add_sign_bits(x: torch.Tensor, codes: torch.Tensor, scratch: torch.Tensor, 
         codes.add_(sign, alpha=8)
 
 
+def _grid_anchor(mag: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """Bits of C = 2^22 * max(1, 2^floor(log2 m)) per magnitude m in [0, 7), into `anchor` (int32).
+
+    Adding C rounds m to the E2M1 grid in one IEEE addition (round to nearest even): the ulp of C
+    equals the grid step, 0.5 below 2 (subnormals and [1, 2)), 1 in [2, 4), 2 in [4, 8) (so a
+    magnitude in (6, 7) rounds to 6, as it would after clamping to 6).
+    """
+    torch.bitwise_and(mag.view(torch.int32), _F32_EXPONENT_MASK, out=anchor).clamp_(min=_F32_ONE_BITS)
+    return anchor.add_((_F32_MANTISSA_BITS - 1) << _F32_MANTISSA_BITS)
+
+
 def _e2m1_magnitude_codes(mag: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
     """Round-to-nearest-even of magnitudes in [0, 6] onto the E2M1 grid; returns 3-bit codes (int32).
 
-    Adding a float C whose ulp equals the grid step rounds to that step in one IEEE addition (RNE).
-    The step is 0.5 below 2 (subnormals and [1, 2)), 1 in [2, 4), 2 in [4, 6], so C = 2^22 * max(1,
-    2^floor(log2 m)). The code is then (ulps above C) + 2 * (octave above [1, 2)). Overwrites `mag`.
+    After adding the anchor C (see _grid_anchor), the code is (ulps above C) + 2 * (octave above
+    [1, 2)). Overwrites `mag` and `exp`.
     """
     bits = mag.view(torch.int32)
-    torch.bitwise_and(bits, _F32_EXPONENT_MASK, out=exp).clamp_(min=_F32_ONE_BITS)
-    exp.add_((_F32_MANTISSA_BITS - 1) << _F32_MANTISSA_BITS)  # bits of C
+    _grid_anchor(mag, exp)
     mag.add_(exp.view(torch.float32))
     bits.sub_(exp)  # number of grid steps above C
     exp.sub_(_F32_ONE_BITS + ((_F32_MANTISSA_BITS - 1) << _F32_MANTISSA_BITS)).bitwise_right_shift_(

@@ -29,7 +29,7 @@ from ..models import (
     refresh_inference_copy,
 )
 from ..models.lora import SAMPLING, TRAINED, is_full_finetune
-from ..quant import DEFAULT_SKIP, QuantConfig, quantize_model, requantize_model
+from ..quant import QuantConfig, quantize_model, requantize_model
 from ..runtime import distributed as dp
 from ..runtime.files import atomic_write_text
 from ..runtime.metrics import metrics_log
@@ -165,9 +165,8 @@ class TrainingSession:
             explorer, choice_name, reason, report = None, "none", "full precision only", {}
             if s.backend != "none":
                 explorer = make_inference_copy(self.policy, SAMPLING)
-                skip = DEFAULT_SKIP + tuple(f"*{p}*" for p in self.policy.quant_skip_patterns)
-                qc = QuantConfig(skip=skip, min_dim=self.policy.quant_min_dim if s.min_dim < 0 else s.min_dim,
-                                 weight_tile=s.tile, cache_dequantized=cache_dequantized)
+                qc = QuantConfig.for_family(self.policy.family, None if s.min_dim < 0 else s.min_dim,
+                                            weight_tile=s.tile, cache_dequantized=cache_dequantized)
                 rep = quantize_model(explorer, qc, backend=s.backend)
                 choice_name, reason, report = rep.backend, rep.backend_reason, rep.to_dict()
                 if dp.is_main():

@@ -43,9 +43,16 @@ def _each_sample(prompts: list[str], per_prompt: int) -> list[str]:
     return [p for p in prompts for _ in range(per_prompt)]
 
 
-def score(session: TrainingSession, reward, latents: Tensor, prompts: list[str]) -> tuple[Tensor, dict, Tensor]:
-    """Decode [B, ...] latents and score them: (total [B], components {name: [B]}, images)."""
-    images = session.policy.decode(latents.to(session.policy.device)).float().cpu()
+def score(session: TrainingSession, reward, latents: Tensor, prompts: list[str],
+          decode_batch: int | None = None) -> tuple[Tensor, dict, Tensor]:
+    """Decode [B, ...] latents and score them: (total [B], components {name: [B]}, images).
+
+    Decoded `decode_batch` latents at a time (default all): a full-resolution VAE decode holds about
+    a gigabyte of activations per image, so a stage's whole pool would not fit on any GPU.
+    """
+    device = session.policy.device
+    images = torch.cat([session.policy.decode(chunk.to(device)).float().cpu()
+                        for chunk in latents.split(decode_batch or max(1, latents.shape[0]))])
     total, components = reward.score(images, prompts)
     return total.float(), {k: v.float() for k, v in components.items()}, images
 
@@ -72,10 +79,11 @@ def _generate(session: TrainingSession, precision: str, prompts: list[str], seed
     return x0.reshape(p, m, *x0.shape[1:])
 
 
-def _scored_batch(session, reward, prompts, seeds, latents, precision, steps, prompt_ids) -> SampleBatch:
+def _scored_batch(session, reward, prompts, seeds, latents, precision, steps, prompt_ids,
+                  decode_batch: int) -> SampleBatch:
     p, m = seeds.shape
     flat_prompts = _each_sample(prompts, m)
-    total, comps, images = score(session, reward, latents.flatten(0, 1), flat_prompts)
+    total, comps, images = score(session, reward, latents.flatten(0, 1), flat_prompts, decode_batch)
     return SampleBatch(session, prompts, seeds, latents, total.reshape(p, m),
                        {k: v.reshape(p, m) for k, v in comps.items()}, precision, steps,
                        images=images.reshape(p, m, *images.shape[1:]), prompt_ids=list(prompt_ids))
@@ -94,7 +102,8 @@ def explore(session: TrainingSession, reward, s: ExploreSettings) -> SampleBatch
     rows = dp.local_rows(len(all_prompts))  # this process's prompts; seeds as one process would draw them
     prompts, seeds = [all_prompts[i] for i in rows], all_seeds[rows]
     latents = _generate(session, s.precision, prompts, seeds, s.steps, s.batch_size, f"explore ({s.precision})")
-    batch = _scored_batch(session, reward, prompts, seeds, latents, s.precision, s.steps, rows)
+    batch = _scored_batch(session, reward, prompts, seeds, latents, s.precision, s.steps, rows,
+                          s.batch_size)
     session.pending.update(_stats("draft_reward", batch.rewards))
     session.pending["draft_dropped"] = int(dp.sum_((~torch.isfinite(batch.rewards)).sum()))
     session.pending["time_explore"] = time.perf_counter() - start
@@ -122,7 +131,8 @@ def regenerate(batch: SampleBatch, reward, s: RegenerateSettings) -> SampleBatch
     session: TrainingSession = batch.session
     start = time.perf_counter()
     latents = _generate(session, "full", batch.prompts, batch.seeds, s.steps, s.batch_size, "regenerate")
-    out = _scored_batch(session, reward, batch.prompts, batch.seeds, latents, "full", s.steps, batch.prompt_ids)
+    out = _scored_batch(session, reward, batch.prompts, batch.seeds, latents, "full", s.steps, batch.prompt_ids,
+                        s.batch_size)
     out.proxy_rewards, out.pool_seeds, out.pool_rewards = batch.rewards, batch.pool_seeds, batch.pool_rewards
     session.pending.update(_stats("reward", out.rewards))
     for name, comp in out.components.items():
@@ -145,7 +155,8 @@ def audit(session: TrainingSession, batch: SampleBatch, reward, s: RegenerateSet
     seeds = torch.gather(pool_seeds, 1, idx)
     proxy = torch.gather(pool_rewards, 1, idx)
     latents = _generate(session, "full", batch.prompts, seeds, s.steps, s.batch_size, "audit")
-    full = _scored_batch(session, reward, batch.prompts, seeds, latents, "full", s.steps, batch.prompt_ids).rewards
+    full = _scored_batch(session, reward, batch.prompts, seeds, latents, "full", s.steps, batch.prompt_ids,
+                         s.batch_size).rewards
     stats = {f"audit_{k}": v for k, v in ranking_agreement(proxy, full, k=max(1, size // 4)).items()}
     stats["time_audit"] = time.perf_counter() - start
     return stats
@@ -177,7 +188,7 @@ def held_out_reward(session: TrainingSession, reward, s: EvaluateSettings) -> di
     seeds = torch.tensor([[10_000 + i * s.per_prompt + j for j in range(s.per_prompt)] for i in rows],
                          dtype=torch.long)
     latents = _generate(session, "full", chosen, seeds, s.steps, s.batch_size, "evaluate")
-    scored = _scored_batch(session, reward, chosen, seeds, latents, "full", s.steps, rows)
+    scored = _scored_batch(session, reward, chosen, seeds, latents, "full", s.steps, rows, s.batch_size)
     return {**_stats("eval_reward", scored.rewards), "time_eval": time.perf_counter() - start}
 
 
