@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from .graph.builder import GraphBuilder
@@ -172,21 +172,18 @@ RECIPES: dict[str, tuple[Recipe, str]] = {
                            train_fraction=0.6, grad_clip=0.002, **PAPER),
                     "Sol-RL on SD3.5-Large, the paper's settings (grad clip 0.002 as the reference preset). "
                     "Set the model, reward files and prompts."),
-    "diffusionnft": (Recipe(run_name="diffusionnft", iterations=12, prompts_per_iteration=4, candidates=4, keep=4,
-                            full_steps=8, stage1="full", regenerate=False, lr=1e-3, lora_rank=16,
-                            lora_alpha=16.0, micro_batch=16, batch_size=64),
-                     "Baseline DiffusionNFT '24-in-24' (here 4-in-4 on the embedded model): no exploration stage, "
-                     "every sample at full precision is trained on."),
-    "naive_scaling": (Recipe(run_name="naive_scaling", iterations=12, prompts_per_iteration=4, candidates=16, keep=4,
-                             full_steps=8, stage1="full", regenerate=False, lr=1e-3, lora_rank=16,
-                             lora_alpha=16.0, micro_batch=16, batch_size=64),
-                      "Baseline naive scaling '24-in-96' (here 4-in-16): the whole pool at full precision and full "
-                      "steps, keep best and worst, train on them."),
-    "naive_quant": (Recipe(run_name="naive_quant", iterations=12, prompts_per_iteration=4, candidates=16, keep=4,
-                           draft_steps=4, full_steps=8, regenerate=False, min_dim=0, lr=1e-3, lora_rank=16,
-                           lora_alpha=16.0, micro_batch=16, batch_size=64),
-                    "Negative control 'naive quant': explore at low precision and train directly on the "
-                    "low-precision drafts (the paper shows this is unstable)."),
+    # The baselines of benchmarks/convergence.py on the quickstart's task (prompts, split, P, K, F, lr),
+    # so a run of each is comparable with the quickstart's.
+    "diffusionnft": (replace(QUICKSTART, run_name="diffusionnft", candidates=QUICKSTART.keep, stage1="full",
+                             regenerate=False),
+                     "Baseline DiffusionNFT '24-in-24' (here 8-in-8) on the quickstart's task: no exploration "
+                     "stage, every sample at full precision is trained on."),
+    "naive_scaling": (replace(QUICKSTART, run_name="naive_scaling", stage1="full", regenerate=False),
+                      "Baseline naive scaling '24-in-96' (here 8-in-32) on the quickstart's task: the whole pool at "
+                      "full precision and full steps, keep best and worst, train on them."),
+    "naive_quant": (replace(QUICKSTART, run_name="naive_quant", regenerate=False),
+                    "Negative control 'naive quant' on the quickstart's task: explore at low precision and train "
+                    "directly on the low-precision drafts (the paper shows this is unstable)."),
 }
 
 BUNDLED: dict[str, Bundled] = {
