@@ -205,9 +205,10 @@ def _mean_finite(x: torch.Tensor) -> float:
 
 
 def run_arms(arms: dict[str, Arm], task: Task, minutes: float | None = None, threads: int = 2,
-             log: Callable[[str], None] = print) -> tuple[dict[str, Curve], dict]:
+             log: Callable[[str], None] | None = None) -> tuple[dict[str, Curve], dict]:
     """Train every arm for task.iterations, interleaved one iteration each in turn. With `minutes`,
     stop after the round that would overrun it (the record says so). Returns curves and run facts."""
+    log = log or (lambda line: print(line, flush=True))  # progress shows in a redirected log too
     torch.set_num_threads(threads)
     reward = load_weighted_reward("shapes")
     start = time.perf_counter()
