@@ -91,15 +91,32 @@ def test_partial_credit_is_graded():
     img = scenes.render(scene)
     assert judge(img, "a red circle").score == 1.0
     assert judge(img, "a red square").score == 0.75  # colour, count, nothing extra: right; shape: wrong
-    assert judge(img, "two red circles").score == 0.75
+    j = judge(img, "two red circles")  # one of two: count credit 1 - |1 - 2| / 2
+    assert not j.passed and not j.checks["count"] and j.credit["count"] == 0.5 and j.score == 0.875
+    assert judge(img, "four red circles").score == (3 + 0.25) / 4
     assert judge(img, "a blue circle").score == 0.0
     assert judge(scenes.render(scenes.Scene([])), "a red circle").score == 0.0  # a blank image earns nothing
     two = scenes.render(scenes.Scene([scenes.PlacedObject("red", "circle", 8, 16, 8),
                                       scenes.PlacedObject("green", "square", 24, 16, 8)]))
     assert judge(two, "a red circle left of a green square").score == 1.0
     assert judge(two, "a red circle right of a green square").score == pytest.approx(0.8)
-    j = judge(two, "a red circle")
-    assert j.checks == {"color": True, "shape": True, "count": True, "no_extra": False} and j.score == 0.75
+    j = judge(two, "a red circle")  # half of what was drawn is extra
+    assert j.checks == {"color": True, "shape": True, "count": True, "no_extra": False}
+    assert j.credit["no_extra"] == 0.5 and j.score == 0.875
+    j = judge(two, "a red circle left of a blue square")  # one of two colours, and no relation to judge
+    assert j.credit == {"color": 0.5, "shape": 0.5, "count": 0.5, "relation": 0.0, "no_extra": 0.5}
+    assert j.score == pytest.approx(0.4)
+
+
+def test_partial_credit_grows_as_a_count_gets_closer():
+    """Three of four objects earn more than two of four; a wrong shape among them costs its share."""
+    spots = ((6, 6), (22, 6), (6, 22), (22, 22))
+    draw = lambda shapes: scenes.render(scenes.Scene(  # noqa: E731
+        [scenes.PlacedObject("blue", s, x, y, 8) for s, (x, y) in zip(shapes, spots)]))
+    scores = [judge(draw(["square"] * n), "four blue squares").score for n in (1, 2, 3, 4)]
+    assert scores == [(3 + 0.25) / 4, (3 + 0.5) / 4, (3 + 0.75) / 4, 1.0]
+    j = judge(draw(["square", "square", "square", "circle"]), "four blue squares")
+    assert j.credit["shape"] == 0.75 and j.credit["count"] == 1.0 and j.score == (3 + 0.75) / 4
 
 
 def test_counts_each_object_and_ignores_specks():

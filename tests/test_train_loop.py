@@ -167,6 +167,20 @@ def test_nan_rewards_are_dropped_and_counted(tmp_path, model_dir, monkeypatch):
     assert all(r["stepped"] == 1 and r["loss"] == r["loss"] for r in rows)
 
 
+def test_baselines_share_the_quickstarts_task():
+    """The bundled baselines are comparable with the quickstart: the same prompts, split, iterations,
+    prompts per iteration, K trained per prompt, full steps and learning rate; they differ in stage 1."""
+    quick, _ = RECIPES["quickstart"]
+    for name, (candidates, stage1, regenerate) in {"diffusionnft": (8, "full", False),
+                                                   "naive_scaling": (32, "full", False),
+                                                   "naive_quant": (32, "low", False)}.items():
+        r, _ = RECIPES[name]
+        assert (r.prompts, r.held_out, r.iterations, r.prompts_per_iteration, r.keep, r.full_steps, r.lr) == \
+            ("shapes_count", 15, 30, 8, 8, 8, 1e-3), name
+        assert (r.candidates, r.stage1, r.regenerate) == (candidates, stage1, regenerate), name
+    assert (quick.candidates, quick.stage1, quick.regenerate) == (32, "low", True)
+
+
 @pytest.mark.parametrize("name", ["diffusionnft", "naive_scaling", "naive_quant"])
 def test_baselines_run_and_log_the_same_metrics(tmp_path, model_dir, name):
     recipe, _ = RECIPES[name]
@@ -219,7 +233,7 @@ def test_finished_run_queued_again_trains_nothing(tmp_path, model_dir):
 def test_held_out_reward_uses_fixed_prompts_and_seeds(tmp_path, model_dir):
     run_dir = tmp_path / "run"
     wf = _workflow(tmp_path, replace(SMALL, model=model_dir, iterations=3, lr=0.0, kl_coef=0.0, eval_every=2,
-                                     eval_prompts=3))
+                                     held_out=5, eval_prompts=3))
     assert main([str(wf), "--run-dir", str(run_dir)]) == 0
     rows = _rows(run_dir)
     assert [("eval_reward_mean" in r) for r in rows] == [True, False, True]

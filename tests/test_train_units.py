@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from solrl_core.train.advantages import advantages
-from solrl_core.train.audit import kendall_tau_b, ranking_agreement, spearman
+from solrl_core.train.audit import bottom_k_overlap, kendall_tau_b, ranking_agreement, spearman, top_k_overlap
 from solrl_core.train.nft import nft_loss, noised
 from solrl_core.train.prompts import PromptCursor, load_prompts
 from solrl_core.train.schedules import blend_, ema_decay, old_decay
@@ -170,7 +170,18 @@ def test_rank_correlations_match_scipy():
     assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-9)
     assert kendall_tau_b(a, b) == pytest.approx(stats.kendalltau(a, b).statistic, abs=1e-9)
     perfect = ranking_agreement(a[None], a[None] * 2, k=4)
-    assert perfect == {"spearman": 1.0, "kendall": 1.0, "top4_overlap": 1.0}
+    assert perfect == {"spearman": 1.0, "kendall": 1.0, "top4_overlap": 1.0, "bottom4_overlap": 1.0}
+
+
+def test_top_and_bottom_k_overlap_count_ties_as_in():
+    full = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.0])  # six drafts share the best reward
+    proxy = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9, 0.8, 0.7, 0.0])  # its top-4: drafts 4, 5, 6, 3
+    assert top_k_overlap(proxy, full, 4) == 0.75  # draft 6 (0.5) is not in full precision's top-4
+    assert bottom_k_overlap(proxy, full, 2) == 0.5  # proxy's bottom-2 (drafts 7, 0): full 0.0 yes, 1.0 no
+    assert bottom_k_overlap(proxy, full, 3) == 1.0  # full bottom-3 reaches the tie at 1.0: drafts 0, 1 count
+    reversed_ = ranking_agreement(proxy[None], -proxy[None], k=2)
+    assert reversed_["top2_overlap"] == 0.0 and reversed_["bottom2_overlap"] == 0.0
+    assert reversed_["spearman"] == pytest.approx(-1.0) and reversed_["kendall"] == pytest.approx(-1.0)
 
 
 def test_prompt_cursor_is_a_seeded_resumable_permutation():

@@ -190,6 +190,18 @@ def _check_run(inputs: dict[str, Any], linked: dict[str, dict]) -> None:
                 latest_checkpoint(run_dir)
         except CheckpointError as e:
             raise InputError("mode", str(e)) from None
+    source = linked.get("prompts", {})
+    if inputs.get("held_out") and source.get("class_type") == "SolRLPromptSet":
+        from ..train.prompts import load_prompts, split_prompts
+
+        try:
+            prompts = load_prompts(source.get("source", "shapes_all"))
+        except (FileNotFoundError, ValueError):
+            return  # the Prompt Set node reports its own file
+        try:
+            split_prompts(prompts, inputs["held_out"], inputs.get("seed", 0))
+        except ValueError as e:
+            raise InputError("held_out", str(e)) from None
 
 
 def training_run_op(policy, prompts: list[str], run_name: str, mode: str, log_to: str = "metrics.jsonl",
@@ -223,6 +235,7 @@ register(OpSpec(
                       "and / or an offline Weights & Biases run (wandb/) in the run's folder; each needs its "
                       "package."),
         Input.of(SessionConfig, "offload_frozen", optional=True),
+        Input.of(SessionConfig, "held_out", optional=True),
     ),
     outputs=(Output("session", SESSION),),
     function=training_run_op,
@@ -354,7 +367,8 @@ def evaluate_op(samples, reward, **settings) -> tuple:
 
 register(OpSpec(
     id="SolRLEvaluate", display_name="Held-out Reward", category=CAT,
-    description="Every 'every' iterations, samples a fixed set of prompts and seeds with the full-precision "
+    description="Every 'every' iterations, samples the run's held-out prompts (never trained on: Training Run's "
+                "held_out) at fixed seeds with the full-precision "
                 "sampling policy and logs their reward (eval_reward_*): a curve free of the prompt-to-prompt "
                 "noise of training batches, and a check against reward hacking when its reward differs from "
                 "the training one. Samples pass through unchanged.",

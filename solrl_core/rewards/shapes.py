@@ -45,10 +45,11 @@ class Blob:
 
 @dataclass(frozen=True)
 class Judgement:
-    score: float  # mean of the checks, in [0, 1]; 1.0 only when every check passes
+    score: float  # mean of the graded checks, in [0, 1]; 1.0 only when every check passes
     passed: bool
-    checks: dict[str, bool] = field(default_factory=dict)
+    checks: dict[str, bool] = field(default_factory=dict)  # each check, pass / fail
     blobs: tuple[Blob, ...] = ()
+    credit: dict[str, float] = field(default_factory=dict)  # each check's partial credit in [0, 1]
 
 
 def _as_rgb_array(image: Image.Image | torch.Tensor | np.ndarray) -> np.ndarray:
@@ -132,10 +133,13 @@ def find_objects(image: Image.Image | torch.Tensor | np.ndarray) -> list[Blob]:
 def judge(image: Image.Image | torch.Tensor | np.ndarray, prompt: str) -> Judgement:
     """Check an image against a prompt of the shapes world.
 
-    Checks: color (every requested colour is present), shape (every object of a requested colour has
-    the requested shape), count (each requested colour has exactly the requested number of objects),
-    relation (for 'a REL b' prompts), no_extra (something was found and nothing of other colours).
-    Score = mean of the checks; a ValueError names the prompt if it is not in the vocabulary.
+    Checks, each passed or failed and graded with partial credit in [0, 1] (1 exactly when it passes):
+    color (share of the requested colours present), shape (share of the objects of each requested
+    colour that have the requested shape), count (per requested colour 1 - |found - wanted| / wanted,
+    at least 0), relation (for 'a REL b' prompts; pass or fail), no_extra (share of the objects found
+    that have a requested colour; 0 when nothing was found). Score = mean of the credits: a model two
+    objects off the requested count earns less than one off, which gives RL a gradient where a
+    pass / fail count gives none. A ValueError names the prompt if it is not in the vocabulary.
     """
     spec = scenes.parse_prompt(prompt)
     blobs = find_objects(image)
@@ -144,18 +148,26 @@ def judge(image: Image.Image | torch.Tensor | np.ndarray, prompt: str) -> Judgem
     for o in spec.objects:
         wanted.setdefault(o.color, []).append(o)
     by_color = {c: [b for b in blobs if b.color == c] for c in wanted}
-    checks = {
-        "color": all(by_color[c] for c in wanted),
-        "shape": all(by_color[c] and all(b.shape in {o.shape for o in objs} for b in by_color[c])
-                     for c, objs in wanted.items()),
-        "count": all(len(by_color[c]) == sum(o.count for o in objs) for c, objs in wanted.items()),
+
+    def right_shapes(c: str) -> float:
+        found = by_color[c]
+        return sum(b.shape in {o.shape for o in wanted[c]} for b in found) / len(found) if found else 0.0
+
+    def count_closeness(c: str) -> float:
+        n = sum(o.count for o in wanted[c])
+        return max(0.0, 1.0 - abs(len(by_color[c]) - n) / n)
+
+    credit = {
+        "color": float(np.mean([bool(by_color[c]) for c in wanted])),
+        "shape": float(np.mean([right_shapes(c) for c in wanted])),
+        "count": float(np.mean([count_closeness(c) for c in wanted])),
     }
     if spec.relation is not None:
         a, b = spec.objects
-        checks["relation"] = _relation(spec.relation, a, b, blobs, size)
-    checks["no_extra"] = bool(blobs) and all(b.color in wanted for b in blobs)
-    score = float(np.mean(list(checks.values())))
-    return Judgement(score, all(checks.values()), checks, tuple(blobs))
+        credit["relation"] = float(_relation(spec.relation, a, b, blobs, size))
+    credit["no_extra"] = sum(b.color in wanted for b in blobs) / len(blobs) if blobs else 0.0
+    checks = {name: value == 1.0 for name, value in credit.items()}
+    return Judgement(float(np.mean(list(credit.values()))), all(checks.values()), checks, tuple(blobs), credit)
 
 
 def _pick(obj: scenes.ObjectSpec, blobs: list[Blob], exclude: Blob | None = None) -> Blob | None:

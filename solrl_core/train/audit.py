@@ -40,18 +40,26 @@ def kendall_tau_b(a: Tensor, b: Tensor) -> float:
 
 
 def top_k_overlap(proxy: Tensor, full: Tensor, k: int) -> float:
-    """Fraction of the full-precision top-k that the proxy's top-k also contains."""
+    """Share of the proxy's top-k (ties to the earlier draft, as the ranker keeps them) that full
+    precision also ranks in its top-k; a draft tied with full precision's k-th best counts as in, so
+    the figure never depends on how ties are ordered."""
     k = min(k, proxy.numel())
-    top_p = set(torch.topk(proxy, k).indices.tolist())
-    top_f = set(torch.topk(full, k).indices.tolist())
-    return len(top_p & top_f) / k
+    picked = torch.argsort(-proxy.double(), stable=True)[:k]
+    kth = torch.sort(full.double(), descending=True).values[k - 1]
+    return (full[picked].double() >= kth).double().mean().item()
+
+
+def bottom_k_overlap(proxy: Tensor, full: Tensor, k: int) -> float:
+    """top_k_overlap of the worst: the share of the proxy's bottom-k that full precision ranks bottom-k."""
+    return top_k_overlap(-proxy, -full, k)
 
 
 def ranking_agreement(proxy: Tensor, full: Tensor, k: int = 4) -> dict[str, float]:
-    """Mean over prompt groups ([P, M] each) of Spearman, Kendall tau-b and top-k overlap."""
+    """Mean over prompt groups ([P, M] each) of Spearman, Kendall tau-b, top-k and bottom-k overlap."""
     rows = [(p, f) for p, f in zip(proxy, full) if torch.isfinite(p).all() and torch.isfinite(f).all()]
     if not rows:
         return {}
     stats = {"spearman": [spearman(p, f) for p, f in rows], "kendall": [kendall_tau_b(p, f) for p, f in rows],
-             f"top{k}_overlap": [top_k_overlap(p, f, k) for p, f in rows]}
+             f"top{k}_overlap": [top_k_overlap(p, f, k) for p, f in rows],
+             f"bottom{k}_overlap": [bottom_k_overlap(p, f, k) for p, f in rows]}
     return {name: float(torch.tensor(v).nanmean()) for name, v in stats.items()}

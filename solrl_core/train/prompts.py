@@ -1,6 +1,7 @@
 """Prompt sets and the resumable, seeded order in which a run visits them."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,26 @@ def load_prompts(source: str) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt file {source} has no prompts")
     return prompts
+
+
+def split_prompts(prompts: list[str], held_out: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts): `held_out` distinct prompts kept out of training.
+
+    Which prompts are held out depends only on the seed and each prompt's text (the `held_out` with
+    the smallest seeded hash), so the split is the same for any order of the prompt file and on
+    every resume. A prompt listed twice is held out entirely, never in both sets. Held-out prompts
+    keep their order in the set.
+    """
+    distinct = list(dict.fromkeys(prompts))
+    if held_out < 0 or (held_out and held_out >= len(distinct)):
+        raise ValueError(f"held_out={held_out} must be at least 0 and leave training prompts: the prompt set "
+                         f"has {len(distinct)} distinct prompts")
+
+    def rank(prompt: str) -> bytes:
+        return hashlib.sha256(f"{seed}/held-out/{prompt}".encode()).digest()
+
+    chosen = set(sorted(distinct, key=rank)[:held_out])
+    return [p for p in prompts if p not in chosen], [p for p in distinct if p in chosen]
 
 
 @dataclass

@@ -47,7 +47,7 @@ from .checkpoint import (
 )
 from .offload import Offloader
 from .optimizers import build_optimizer, kind_of, load_portable_state, portable_state, set_hyperparameters
-from .prompts import PromptCursor
+from .prompts import PromptCursor, split_prompts
 from .settings import RequantizeSettings, SessionConfig
 
 log = logging.getLogger("solrl")
@@ -73,7 +73,9 @@ class TrainingSession:
                  resume: bool = True):
         self.run_dir = Path(run_dir)
         self.policy = policy
-        self.prompts = prompts
+        self.prompt_set = prompts
+        # Training draws only from `prompts`; the Held-out Reward scores only `held_out_prompts`.
+        self.prompts, self.held_out_prompts = split_prompts(prompts, config.held_out, config.seed)
         self.config = config
         self.iteration = 0
         self.cursor = PromptCursor()
@@ -118,12 +120,18 @@ class TrainingSession:
             if replace_old_run:  # mode "new"; "continue" never deletes (latest_checkpoint refuses instead)
                 shutil.rmtree(self.run_dir / CHECKPOINTS, ignore_errors=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "session.json", json.dumps(asdict(self.config), indent=1) + "\n")
+            info = {**asdict(self.config), "held_out_prompts": self.held_out_prompts}
+            atomic_write_text(self.run_dir / "session.json", json.dumps(info, indent=1) + "\n")
         metrics_log(self.run_dir).restore([])  # a new run in an old directory drops the old run's iterations
         dp.barrier()
 
     def _restore(self, path: Path) -> None:
         tensors, optimizer, meta = load_checkpoint(path)
+        if meta.get("held_out_prompts", self.held_out_prompts) != self.held_out_prompts:
+            # An edited prompt set can move prompts across the split: a prompt scored as held out
+            # would then be trained on. Refuse rather than blur the curve.
+            raise ValueError(f"run directory {self.run_dir}: the prompt set changed, and with it the prompts "
+                             f"held out (held_out={self.config.held_out}); choose mode 'new' or another run name")
         model = self.policy.transformer
         for name in (TRAINED, SAMPLING):
             load_adapter_state(model, name, _strip(tensors, name))
@@ -281,7 +289,8 @@ class TrainingSession:
         tensors.update({f"{SAMPLING}.{k}": v for k, v in adapter_state(model, SAMPLING).items()})
         tensors.update({f"{EMA}.{k}": v for k, v in self.ema.items()})
         meta = {"config": asdict(self.config), "iteration": self.iteration, "cursor": asdict(self.cursor),
-                "metrics": self.metrics, "optimizer_settings": self.optimizer_settings}
+                "metrics": self.metrics, "optimizer_settings": self.optimizer_settings,
+                "held_out_prompts": self.held_out_prompts}
         if dp.is_main():  # every process holds the same weights and optimizer state
             save_checkpoint(self.run_dir, self.iteration, tensors,
                             portable_state(self.optimizer) if self.optimizer is not None else None, meta)
@@ -326,7 +335,7 @@ def open_session(run_dir: Path, policy: FlowPolicy, prompts: list[str], config: 
     key = str(Path(run_dir).resolve())
     live = _SESSIONS.get(key)
     if (mode == "continue" and live is not None and live.policy is policy
-            and live.config.run_identity() == config.run_identity() and live.prompts == prompts):
+            and live.config.run_identity() == config.run_identity() and live.prompt_set == prompts):
         live.config = config  # settings that may change between presses (offloading)
         live.set_offload(config.offload_frozen)
         return live

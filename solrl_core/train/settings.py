@@ -36,6 +36,9 @@ class SessionConfig(Settings):
                                                "text encoders after encoding, reward models outside scoring, "
                                                "the explorer outside requantize and exploration (memory for "
                                                "transfer time; same results).")
+    held_out: int = setting(0, min=0, max=10**6,
+                            help="Prompts of the set kept out of training (a split seeded by 'seed'), scored by the "
+                                 "Held-out Reward node; 0: none.")
 
     def run_identity(self) -> dict:
         """The fields a resumed run must share with the saved one."""
@@ -104,10 +107,11 @@ class RegenerateSettings(Settings):
 
 @dataclass(frozen=True)
 class EvaluateSettings(Settings):
-    """The held-out reward: fixed prompts and seeds through the sampling policy."""
+    """The held-out reward: the run's held-out prompts at fixed seeds through the sampling policy."""
 
     steps: int = setting(10, min=1, max=1000, help="ODE steps.")
-    prompts: int = setting(8, min=1, max=4096, help="The first prompts of the prompt set.")
+    prompts: int = setting(0, min=0, max=4096,
+                           help="How many of the run's held-out prompts (Training Run's held_out) to score; 0: all.")
     per_prompt: int = setting(4, min=1, max=1024, help="Fixed seeds per prompt.")
     every: int = setting(1, min=0, max=10**6, help="Every this many iterations (0: off).")
     batch_size: int = setting(32, min=1, max=4096, help="Micro-batch for sampling.")

@@ -166,22 +166,33 @@ def audit(session: TrainingSession, batch: SampleBatch, reward, s: RegenerateSet
 
 
 def evaluate(batch: SampleBatch, reward, s: EvaluateSettings) -> SampleBatch:
-    """Held-out reward: the same prompts and seeds every time, through the full-precision sampling
-    policy, so its curve shows learning without the prompt-to-prompt noise of training batches."""
+    """Every `s.every` iterations, the held-out reward (held_out_reward) before this iteration's update."""
     session: TrainingSession = batch.session
     if not batch.prompts or s.every <= 0 or session.iteration % s.every:
         return batch
+    session.pending.update(held_out_reward(session, reward, s))
+    return batch
+
+
+def held_out_reward(session: TrainingSession, reward, s: EvaluateSettings) -> dict[str, float]:
+    """Reward of the run's held-out prompts (never trained on) at fixed seeds, through the
+    full-precision sampling policy: a curve without the prompt-to-prompt noise of training batches
+    that measures generalisation, not memorisation. `s.prompts`: how many of them (0: all)."""
+    held_out = session.held_out_prompts
+    if not held_out:
+        raise ValueError("the run has no held-out prompts to score: set Training Run's held_out to the "
+                         "number of prompts to keep out of training")
+    if s.prompts > len(held_out):
+        raise s.error("prompts", f"{s.prompts} is more than the run's {len(held_out)} held-out prompts (0: all)")
     start = time.perf_counter()
-    chosen = [session.prompts[i % len(session.prompts)] for i in range(s.prompts)]
+    chosen = held_out[:s.prompts or len(held_out)]
     rows = dp.local_rows(len(chosen))
     chosen = [chosen[i] for i in rows]
     seeds = torch.tensor([[10_000 + i * s.per_prompt + j for j in range(s.per_prompt)] for i in rows],
                          dtype=torch.long)
     latents = _generate(session, "full", chosen, seeds, s.steps, s.batch_size, "evaluate")
     scored = _scored_batch(session, reward, chosen, seeds, latents, "full", s.steps, rows, s.batch_size)
-    session.pending.update(_stats("eval_reward", scored.rewards))
-    session.pending["time_eval"] = time.perf_counter() - start
-    return batch
+    return {**_stats("eval_reward", scored.rewards), "time_eval": time.perf_counter() - start}
 
 
 @contextmanager
