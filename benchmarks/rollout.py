@@ -34,6 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from solrl_core.bundled import QUICKSTART  # noqa: E402
 from solrl_core.models import load_policy  # noqa: E402
 from solrl_core.quant import QuantizedLayer  # noqa: E402
 from solrl_core.rewards import load_weighted_reward  # noqa: E402
@@ -49,6 +50,12 @@ from solrl_core.train.settings import (  # noqa: E402
 from solrl_core.train.stages import explore, regenerate, select  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rollout.md"
+
+
+# Explorer layers of the embedded model per backend, as benchmarks/convergence.py's Sol-RL arms:
+# NVFP4 with the quickstart's min_dim (4 bits on every layer of so narrow a model scrambles the
+# ranking: results/fidelity.md), int8 on every linear (it loses little and gains more).
+EMBEDDED_MIN_DIM = {"none": 0, "emulated": QUICKSTART.min_dim, "cpu_int8": 0}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     sessions = {}
     for backend in ("none", "emulated", "cpu_int8"):
         s = TrainingSession(tmp / backend, policy, prompts, SessionConfig(lora_rank=8, lora_alpha=8.0))
-        s.refresh_copies(RequantizeSettings(backend, min_dim=0))
+        s.refresh_copies(RequantizeSettings(backend, min_dim=EMBEDDED_MIN_DIM[backend]))
         sessions[backend] = s
 
     keep = SelectSettings(keep=args.keep)
@@ -264,8 +271,11 @@ def explorer_step_section(policy, prompts: list[str], sessions: dict, batch: int
         "",
         f"One call of the embedded model on {batch} images (one Euler step), {threads} threads, median of "
         f"{repeats} interleaved repeats after a warm-up; 1-minute load average during the run {load:.1f} on "
-        f"{os.cpu_count()} cores. The explorers are the ones Requantize builds for the quickstart (min_dim 0: "
-        "every linear and 1x1 convolution of the blocks, 16x16 weight tiles, dequantized weights cached). "
+        f"{os.cpu_count()} cores. The explorers are the ones benchmarks/convergence.py trains with ("
+        "16x16 weight tiles, dequantized weights cached): emulated NVFP4 with the quickstart's min_dim 128 (the "
+        "feed-forward convolutions and cross-attention key / value, 16 layers), cpu_int8 with min_dim 0 (every "
+        "linear and 1x1 convolution of the blocks but self-attention q / k / v, 28 layers), as in "
+        "benchmarks/convergence.py. "
         "'In quantizable layers' is measured in a separate hooked pass: the rest of the step (depthwise "
         "convolutions, SiLU gates, linear attention, norms, embedders) is the same full-precision work in "
         "every row.",

@@ -84,7 +84,7 @@ def test_tensorboard_event_files_hold_every_row_and_the_previews(logged_run):
     (config,) = events.Tensors("config/text_summary")
     assert json.loads(config.tensor_proto.string_val[0]) == {
         "seed": SMALL.seed, "total_iterations": 2, "lora_rank": SMALL.lora_rank, "lora_alpha": SMALL.lora_alpha,
-        "full_finetune": False, "offload_frozen": False}
+        "full_finetune": False, "offload_frozen": False, "held_out": SMALL.held_out}
 
 
 @pytest.mark.skipif(not HAVE_WANDB, reason="wandb is not installed")
