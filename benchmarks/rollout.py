@@ -214,6 +214,9 @@ def slice_table(args) -> list[str]:
         lines.append(f"| {family} | {params / 1e6:.0f} M | {naive:.2f} | {emu:.2f} | {naive / emu:.2f}x | "
                      f"{int8:.2f} | {naive / int8:.2f}x |")
         print(lines[-1], flush=True)
+    return lines
+
+
 # --- one model step: explorer vs full precision -------------------------------------------------------
 
 STEP_TARGETS = {"emulated": "cost <= 1.3x", "cpu_int8": "speed-up >= 1.5x"}
