@@ -129,7 +129,6 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(text, encoding="utf-8")
 
 
-
 def interleaved_times(cases: dict, repeats: int) -> dict[str, list[float]]:
     """Seconds per call of each case: one warm-up round (prompt encodings, kernels), then `repeats`
     rounds calling the cases in turn, so machine load hits them alike."""
