@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from miniature import RESULTS, Arm, Task, run_arms
+from miniature import RESULTS, Arm, Task, run_arms, write_table
 
 
 def arms(task: Task) -> dict[str, Arm]:
@@ -54,10 +54,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{c.mean_reward():.4f} | {c.seconds[-1] / max(1, len(c.train_reward)):.2f} |")
     lines += ["", "Paper (HPSv2, SANA): D 2/4/6/8 -> 0.3587/0.3650/0.3686/0.3659; N 24/48/72/96 at K=24 -> "
               "0.3569/0.3622/0.3663/0.3686."]
-    text = "\n".join(lines) + "\n"
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
-    print(text)
+    write_table(a.out, lines)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from miniature import NVFP4_MIN_DIM, RESULTS, Task
+from miniature import NVFP4_MIN_DIM, RESULTS, Task, write_table
 
 from solrl_core.models import load_policy
 from solrl_core.rewards import load_weighted_reward
@@ -105,10 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += ["", f"Reference ({f} steps, full precision): {results[0][4]:.1f} s. Paper (FP4 vs BF16, groups of 96 on "
               "FLUX.1): Kendall tau 0.798, Spearman rho 0.927, top-4 96.9% (top-8 95.0%), bottom-4 false inclusion "
               "3.9%.", f"{a.threads} threads; timings on a shared machine are indicative only."]
-    text = "\n".join(lines) + "\n"
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
-    print(text)
+    write_table(a.out, lines)
 
 
 if __name__ == "__main__":

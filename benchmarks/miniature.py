@@ -40,6 +40,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 NVFP4_MIN_DIM = 128  # the embedded model's width
 
 
+def write_table(path: Path, lines: list[str]) -> str:
+    """Write a benchmark's markdown report (creating its folder) and print it."""
+    text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)
+    return text
+
+
 @dataclass(frozen=True)
 class Task:
     """What every arm shares (algorithm.md section 1 names)."""
