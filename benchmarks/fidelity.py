@@ -3,8 +3,9 @@
     python benchmarks/fidelity.py [--prompts shapes_count] [--groups 45] [--pool 32] [--threads 2]
 
 For each prompt group of N seeds the embedded model samples the same seeds (same noise) with the
-full-precision policy at F steps (the reference) and with each explorer: emulated NVFP4 and
-`cpu_int8`, at D = F and at D < F, plus full precision at D steps (what fewer steps alone cost).
+full-precision policy at F steps (the reference) and with each explorer: emulated NVFP4, `cpu_int8`
+and (on CPUs with native bf16) `cpu_bf16`, at D = F and at D < F, plus full precision at D steps
+(what fewer steps alone cost).
 All of them run through the product's FP4 Sampler stage and are scored by the `shapes` reward. Per
 group: Kendall tau-b, Spearman rho, top-k and bottom-k agreement (solrl_core.train.audit; a draft
 tied with the reference's k-th counts as in), averaged over groups; and what selection keeps: the
@@ -22,6 +23,7 @@ import torch
 from miniature import NVFP4_MIN_DIM, RESULTS, Task, write_table
 
 from solrl_core.models import load_policy
+from solrl_core.quant.backends import cpu_has_native_bf16
 from solrl_core.rewards import load_weighted_reward
 from solrl_core.train.audit import ranking_agreement
 from solrl_core.train.prompts import load_prompts
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
                (f"emulated NVFP4, {every}", "emulated", d, 0),
                (f"cpu_int8, {every}", "cpu_int8", f, 0), (f"cpu_int8, {every}", "cpu_int8", d, 0),
                (f"cpu_int8, {ff}", "cpu_int8", d, NVFP4_MIN_DIM)]
+    if cpu_has_native_bf16():
+        configs += [("cpu_bf16, the whole copy", "cpu_bf16", f, 0), ("cpu_bf16, the whole copy", "cpu_bf16", d, 0)]
     results = []
     with tempfile.TemporaryDirectory(prefix="solrl-fidelity-") as root:
         for i, (name, backend, steps, min_dim) in enumerate(configs):

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from solrl_core.models import load_policy  # noqa: E402
+from solrl_core.quant.backends import cpu_has_native_bf16  # noqa: E402
 from solrl_core.rewards import load_weighted_reward  # noqa: E402
 from solrl_core.train.prompts import load_prompts  # noqa: E402
 from solrl_core.train.session import TrainingSession  # noqa: E402
@@ -80,7 +81,7 @@ class Arm:
     """How one arm fills stages 1 and 2."""
 
     label: str
-    backend: str  # explorer of stage 1: "emulated" (NVFP4), "cpu_int8", or "none" (full precision)
+    backend: str  # explorer of stage 1: "emulated" (NVFP4), "cpu_int8", "cpu_bf16", or "none" (full precision)
     pool: int | None = None  # N; None: the task's
     draft_steps: int | None = None  # D for a low-precision stage 1; None: the task's
     regenerate: bool = True  # False: train on what stage 1 sampled (the naive arms)
@@ -99,10 +100,13 @@ class Arm:
 
 
 def paper_arms(task: Task) -> dict[str, Arm]:
-    """The five arms of the paper's comparison, sized like the paper: K trained per prompt by all."""
+    """The five arms of the paper's comparison, sized like the paper: K trained per prompt by all; and,
+    on a CPU with native bf16, Sol-RL with the cpu_bf16 explorer (the CPU's fastest: rollout.md)."""
+    bf16 = {"sol_rl_bf16": Arm("Sol-RL, cpu_bf16 explorer", "cpu_bf16")} if cpu_has_native_bf16() else {}
     return {
         "sol_rl_nvfp4": Arm("Sol-RL, emulated NVFP4 explorer", "emulated"),
         "sol_rl_int8": Arm("Sol-RL, cpu_int8 explorer", "cpu_int8", min_dim=0),
+        **bf16,
         "diffusionnft": Arm("DiffusionNFT (K-in-K, full precision)", "none", pool=task.keep, regenerate=False),
         "naive_scaling": Arm("naive scaling (K-in-N, full precision)", "none", regenerate=False),
         "naive_quant": Arm("naive quant (train on the NVFP4 drafts)", "emulated", regenerate=False),

@@ -8,7 +8,7 @@ in D steps and regenerates only K seeds with F steps. Both run through the produ
 functions, interleaved in each repeat; the table quotes medians and ratios and is written to
 benchmarks/results/rollout.md. On a CPU the emulated NVFP4 explorer computes in fp32 after
 quantizing (it is the faithful reference, not a fast path), so the gain there comes from D < F and
-K < N; `cpu_int8` shows a fast low-precision explorer. On Blackwell GPUs the NVFP4 GEMMs add the
+K < N; `cpu_int8` and `cpu_bf16` (CPUs with native bf16) are the fast CPU explorers. On Blackwell GPUs the NVFP4 GEMMs add the
 hardware speedup the paper measures.
 
 A second table times one model step of each explorer against one full-precision step on the same
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from solrl_core.bundled import QUICKSTART  # noqa: E402
 from solrl_core.models import load_policy  # noqa: E402
 from solrl_core.quant import QuantizedLayer  # noqa: E402
+from solrl_core.quant.backends import cpu_has_native_bf16  # noqa: E402
 from solrl_core.rewards import load_weighted_reward  # noqa: E402
 from solrl_core.train.prompts import load_prompts  # noqa: E402
 from solrl_core.train.session import TrainingSession  # noqa: E402
@@ -55,7 +56,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "rollout.md"
 # Explorer layers of the embedded model per backend, as benchmarks/convergence.py's Sol-RL arms:
 # NVFP4 with the quickstart's min_dim (4 bits on every layer of so narrow a model scrambles the
 # ranking: results/fidelity.md), int8 on every linear (it loses little and gains more).
-EMBEDDED_MIN_DIM = {"none": 0, "emulated": QUICKSTART.min_dim, "cpu_int8": 0}
+EMBEDDED_MIN_DIM = {"none": 0, "emulated": QUICKSTART.min_dim, "cpu_int8": 0, "cpu_bf16": 0}
+# The CPU's explorers here: cpu_bf16 only where oneDNN runs bf16 natively (it would be slower than fp32).
+EXPLORERS = ("emulated", "cpu_int8", *(("cpu_bf16",) if cpu_has_native_bf16() else ()))
+EXPLORER_LABELS = {"emulated": "emulated NVFP4", "cpu_int8": "cpu_int8", "cpu_bf16": "cpu_bf16"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = load_prompts("shapes_all")
     tmp = Path(tempfile.mkdtemp())
     sessions = {}
-    for backend in ("none", "emulated", "cpu_int8"):
+    for backend in ("none", *EXPLORERS):
         s = TrainingSession(tmp / backend, policy, prompts, SessionConfig(lora_rank=8, lora_alpha=8.0))
         s.refresh_copies(RequantizeSettings(backend, min_dim=EMBEDDED_MIN_DIM[backend]))
         sessions[backend] = s
@@ -100,9 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             regenerate(kept, reward, RegenerateSettings(args.full_steps, batch_size=64))
         return run
 
-    cases = {"naive BF16 scaling (N at full precision, F steps)": naive,
-             "Sol-RL, emulated NVFP4 explorer": sol_rl("emulated"),
-             "Sol-RL, cpu_int8 explorer": sol_rl("cpu_int8")}
+    cases = {"naive scaling (N at full precision, F steps)": naive,
+             **{f"Sol-RL, {EXPLORER_LABELS[b]} explorer": sol_rl(b) for b in EXPLORERS}}
     times = interleaved_times(cases, args.repeats)
 
     base = statistics.median(times[next(iter(cases))])
@@ -170,7 +173,7 @@ def slice_rollouts(family: str, args) -> tuple[dict[str, list[float]], int]:
     full, draft = args.slice_full_steps, max(1, round(0.6 * args.slice_full_steps))
     tmp = Path(tempfile.mkdtemp())
     sessions = {}
-    for backend in ("none", "emulated", "cpu_int8"):
+    for backend in ("none", *EXPLORERS):
         session = TrainingSession(tmp / backend, policy, prompts, SessionConfig(lora_rank=8, lora_alpha=8.0))
         session.refresh_copies(RequantizeSettings(backend))  # the family's preset: real thresholds
         sessions[backend] = session
@@ -189,7 +192,7 @@ def slice_rollouts(family: str, args) -> tuple[dict[str, list[float]], int]:
             regenerate(kept, reward, regen_settings)
         return run
 
-    cases = {"naive": naive, "emulated": sol_rl("emulated"), "cpu_int8": sol_rl("cpu_int8")}
+    cases = {"naive": naive, **{b: sol_rl(b) for b in EXPLORERS}}
     return interleaved_times(cases, args.repeats), parameter_count(policy.transformer)
 
 
@@ -205,13 +208,14 @@ def slice_table(args) -> list[str]:
              f"(the paper's N/K = 4 and D/F = 0.6), {args.threads} threads, median of {args.repeats} interleaved "
              "repeats. Rollout = sampling + decoding + scoring (weight-free JPEG reward) + selection "
              "(+ regeneration).", "",
-             "| family | slice parameters | naive s | Sol-RL emulated s | speed-up | Sol-RL cpu_int8 s | speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| family | slice parameters | naive s | "
+             + " | ".join(f"Sol-RL {EXPLORER_LABELS[b]} s | speed-up" for b in EXPLORERS) + " |",
+             "|---|---:|---:|" + "---:|---:|" * len(EXPLORERS)]
     for family in families:
         times, params = slice_rollouts(family, args)
-        naive, emu, int8 = (statistics.median(times[k]) for k in ("naive", "emulated", "cpu_int8"))
-        lines.append(f"| {family} | {params / 1e6:.0f} M | {naive:.2f} | {emu:.2f} | {naive / emu:.2f}x | "
-                     f"{int8:.2f} | {naive / int8:.2f}x |")
+        naive = statistics.median(times["naive"])
+        cells = [f"{t:.2f} | {naive / t:.2f}x" for t in (statistics.median(times[b]) for b in EXPLORERS)]
+        lines.append(f"| {family} | {params / 1e6:.0f} M | {naive:.2f} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     return lines
 
@@ -251,9 +255,9 @@ def _quantizable_layer_seconds(model: nn.Module, step, repeats: int = 3) -> floa
 def explorer_step_section(policy, prompts: list[str], sessions: dict, batch: int, repeats: int,
                           threads: int) -> list[str]:
     """One Euler step's model call for `batch` images: full precision vs each explorer, interleaved."""
+    backends = ("none", *EXPLORERS)
     models = {"full precision (fp32)": sessions["none"].copies.regenerator,
-              "emulated NVFP4 explorer": sessions["emulated"].copies.explorer,
-              "cpu_int8 explorer": sessions["cpu_int8"].copies.explorer}
+              **{f"{EXPLORER_LABELS[b]} explorer": sessions[b].copies.explorer for b in EXPLORERS}}
     cond = policy.encode([prompts[i % len(prompts)] for i in range(batch)])
     x = policy.initial_noise(list(range(batch)))
     sigma = torch.full((batch,), 0.75)
@@ -276,19 +280,23 @@ def explorer_step_section(policy, prompts: list[str], sessions: dict, batch: int
         f"{os.cpu_count()} cores. The explorers are the ones benchmarks/convergence.py trains with ("
         "16x16 weight tiles, dequantized weights cached): emulated NVFP4 with the quickstart's min_dim 128 (the "
         "feed-forward convolutions and cross-attention key / value, 16 layers), cpu_int8 with min_dim 0 (every "
-        "linear and 1x1 convolution of the blocks but self-attention q / k / v, 28 layers), as in "
-        "benchmarks/convergence.py. "
+        "linear and 1x1 convolution of the blocks but self-attention q / k / v, 28 layers), cpu_bf16 (where "
+        "the CPU has native bf16) the whole copy in bf16, as in benchmarks/convergence.py. "
         "'In quantizable layers' is measured in a separate hooked pass: the rest of the step (depthwise "
         "convolutions, SiLU gates, linear attention, norms, embedders) is the same full-precision work in "
-        "every row.",
+        "the fp32, emulated and cpu_int8 rows; cpu_bf16 runs it in bf16 too.",
         "",
         "| model step | median ms | cost vs fp32 | speed-up vs fp32 | in quantizable layers, ms | target |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    for name, backend in zip(models, ("none", "emulated", "cpu_int8")):
+    for name, backend in zip(models, backends):
         med = statistics.median(times[name])
         lines.append(f"| {name} | {1000 * med:.1f} | {med / base:.2f}x | {base / med:.2f}x | "
                      f"{1000 * inside[name]:.1f} | {STEP_TARGETS.get(backend, '')} |")
+    bound = base / max(base - inside["full precision (fp32)"], 1e-9)
+    lines += ["", f"Were the quantizable layers free, an fp32 step would be {bound:.2f}x faster: the most an "
+              "explorer that replaces only those layers (emulated NVFP4, cpu_int8) can gain on this model. "
+              "cpu_bf16 also runs the rest of the step in bf16."]
     return lines
 
 

@@ -51,9 +51,18 @@ TINY = Task(prompts="shapes_count", held_out=5, eval_seeds=1, eval_every=1, iter
             pool=4, keep=2, draft_steps=1, full_steps=2, lora_rank=2, lora_alpha=2.0, micro_batch=8)
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_the_bf16_arm_is_there_where_the_cpu_has_native_bf16(monkeypatch, native_bf16):
+    import miniature
+
+    monkeypatch.setattr(miniature, "cpu_has_native_bf16", lambda: native_bf16)
+    five = {"sol_rl_nvfp4", "sol_rl_int8", "diffusionnft", "naive_scaling", "naive_quant"}
+    assert set(paper_arms(TINY)) == five | ({"sol_rl_bf16"} if native_bf16 else set())
+
+
 def test_arms_are_deterministic_for_a_seed_and_learn_differently(monkeypatch):
     arms = paper_arms(TINY)
-    assert set(arms) == {"sol_rl_nvfp4", "sol_rl_int8", "diffusionnft", "naive_scaling", "naive_quant"}
+    arms.pop("sol_rl_bf16", None)  # the same machinery as the other Sol-RL arms, and not on every CPU
     assert arms["diffusionnft"].n(TINY) == TINY.keep and not arms["diffusionnft"].regenerate
     assert arms["naive_quant"].backend == arms["sol_rl_nvfp4"].backend == "emulated"
     runs = [run_arms(arms, TINY, threads=1, log=lambda _: None) for _ in range(2)]

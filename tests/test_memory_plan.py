@@ -145,6 +145,18 @@ def test_memory_switches_move_the_plan_by_what_they_hold(tiny_flux):
     assert base.explorer_bytes == emulated_bytes  # NVFP4 0.5625 B/element + tensor scale + fp32 cache
 
 
+def test_cpu_bf16_explorer_is_the_whole_model_at_two_bytes(tiny_flux):
+    shape = IterationShape(prompts=2, candidates=8, keep=4, explore_batch=4, regen_batch=4, micro_batch=2,
+                           backend="cpu_bf16", min_dim=16, distinct_prompts=2)
+    plan = plan_memory(tiny_flux, "flux", shape, MemorySettings(dtype=torch.float32))
+    params = plan.parameters["transformer"]
+    assert plan.explorer_backend == "cpu_bf16" and plan.quantized_layers == [] and plan.quantized_params == 0
+    assert plan.explorer_bytes == plan.holdings["explorer_copy"] == 2 * params
+    assert plan.holdings["regenerator_copy"] == 4 * params
+    fp32 = plan_memory(tiny_flux, "flux", replace(shape, backend="none"), MemorySettings(dtype=torch.float32))
+    assert 0 < plan.stages["explore"]["activations"] < fp32.stages["explore"]["activations"]  # bf16 tensors
+
+
 def test_workflow_memory_switches_reach_the_plan(tmp_path, tiny_flux, capsys):
     """The four node settings are the plan's switches: Training Run's offload_frozen, Requantize's
     regenerator, NFT Update's gradient_checkpointing and optimizer (the plan needs no torchao)."""

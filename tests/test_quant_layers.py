@@ -148,6 +148,18 @@ def test_explicit_backend_checks(monkeypatch):
         select_backend("fp3", "cpu")
 
 
+def test_cpu_bf16_is_explicit_cpu_only_and_needs_native_bf16(monkeypatch):
+    monkeypatch.setattr(backends_mod, "cpu_has_native_bf16", lambda: True)
+    assert select_backend("cpu_bf16", "cpu").name == "cpu_bf16"
+    assert select_backend("auto", "cpu").name == "emulated"  # never chosen for the user
+    with pytest.raises(ValueError, match="'cpu_bf16' runs on CPU only"):
+        select_backend("cpu_bf16", "cuda", capability=(10, 0))
+    monkeypatch.setattr(backends_mod, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="native bf16.*use cpu_int8") as err:
+        select_backend("cpu_bf16", "cpu")
+    assert "\n" not in str(err.value)
+
+
 def test_transformer_engine_import_failure_is_caught(monkeypatch):
     import builtins
 

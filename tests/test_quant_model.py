@@ -109,6 +109,29 @@ def test_backend_none_and_cpu_int8():
     assert ((_run(qmodel, inputs) - ref).norm() / ref.norm()).item() < 0.05
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cpu_bf16_casts_the_whole_copy(monkeypatch, family):
+    from solrl_core.models.base import compute_dtype
+    from solrl_core.quant import backends
+
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: True)  # the cast itself runs on any CPU
+    model, inputs = FAMILIES[family]()
+    ref = _run(model, inputs)
+    qmodel = copy.deepcopy(model)
+    report = quantize_model(qmodel, QuantConfig(min_dim=1 << 20), backend="cpu_bf16")  # min_dim does not apply
+    assert report.backend == "cpu_bf16" and compute_dtype(qmodel, torch.float32) == torch.bfloat16
+    assert {p.dtype for p in qmodel.parameters()} == {torch.bfloat16}
+    layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert [r.name for r in report.quantized] == layers
+    # bf16 keeps 8 significant bits: round to nearest errs by at most 2**-8 of each weight (unit roundoff).
+    assert all(0 < r.rel_error <= 2**-8 and r.bytes_after * 2 == r.bytes_before for r in report.quantized)
+    bf16_inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    out = _run(qmodel, bf16_inputs)
+    assert out.dtype == torch.bfloat16 and ((out.float() - ref).norm() / ref.norm()).item() < 0.02
+    requantize_model(qmodel, model)  # the full fine-tuning refresh: every weight copied, cast
+    assert all(torch.equal(q, p.to(torch.bfloat16)) for q, p in zip(qmodel.parameters(), model.parameters()))
+
+
 @pytest.mark.parametrize("as_state_dict", [False, True])
 def test_requantize_equals_fresh_quantize(as_state_dict):
     model, inputs = _sana()

@@ -124,3 +124,29 @@ def test_requantize_settings_changed_between_presses_apply(folder, tmp_path):
     with pytest.raises(RuntimeError, match="backend 'none'"), session.sampling_model("low"):
         pass
     assert json.loads((tmp_path / "a" / "quant_report.json").read_text())["backend"] == "none"
+
+
+@pytest.mark.parametrize("full_finetune", [False, True])
+def test_cpu_bf16_explorer_follows_the_sampling_weights(folder, tmp_path, monkeypatch, full_finetune):
+    """The cpu_bf16 explorer is the merged copy rounded to bf16, after every refresh: equal, tensor for
+    tensor, to the full-precision regenerator cast to bf16; and sampling through it is close to full
+    precision (bf16's unit roundoff is 2**-8)."""
+    from solrl_core.quant import backends
+
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: True)
+    session = _session(folder, tmp_path / "a", full_finetune=full_finetune)
+    for step in range(2):
+        if step:
+            _move_sampling_weights(session)
+            session.iteration += 1
+        copies = session.refresh_copies(RequantizeSettings("cpu_bf16"))
+        regen, explorer = copies.regenerator.state_dict(), copies.explorer.state_dict()
+        assert regen.keys() == explorer.keys()
+        assert [k for k in regen if not torch.equal(explorer[k], regen[k].to(explorer[k].dtype))] == []
+        assert {v.dtype for v in explorer.values() if v.is_floating_point()} == {torch.bfloat16}
+    policy = session.policy
+    cond = policy.encode(PROMPTS)
+    x, sigma = policy.initial_noise([0, 1]), torch.full((2,), 0.5)
+    with torch.no_grad():
+        low, full = (policy.velocity(m, x, sigma, cond) for m in (copies.explorer, copies.regenerator))
+    assert low.dtype == torch.float32 and 0 < ((low - full).norm() / full.norm()).item() < 0.05

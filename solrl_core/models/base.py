@@ -161,6 +161,15 @@ class FlowPolicy:
                 f"device={self.device}, dtype={self.dtype}, resolution={self.resolution})")
 
 
+COMPUTE_DTYPE_ATTRIBUTE = "solrl_compute_dtype"
+
+
+def compute_dtype(model: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype to feed `model`: the policy's (`default`), unless the model was cast to another one
+    as a whole and says so (a cpu_bf16 explorer copy of an fp32 policy)."""
+    return getattr(model, COMPUTE_DTYPE_ATTRIBUTE, default)
+
+
 def batch_sigma(sigma: Tensor | float, batch: int, device: torch.device) -> Tensor:
     """A [B] float32 sigma from a scalar or [B] input."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning, ConditioningShape, FlowPolicy, batch_sigma, decode_shifted_kl
+from .base import Conditioning, ConditioningShape, FlowPolicy, batch_sigma, compute_dtype, decode_shifted_kl
 from .schedules import flux_shift_mu, scheduler_sigmas
 
 
@@ -60,15 +60,16 @@ class FluxPolicy(FlowPolicy):
     def velocity(self, model: nn.Module, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         b, c, h, w = x.shape
         sigma = batch_sigma(sigma, b, x.device)
-        tokens = pack(x.to(self.dtype))
-        img_ids = image_ids(h // 2, w // 2, x.device, self.dtype)
-        txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=x.device, dtype=self.dtype)
+        dtype = compute_dtype(model, self.dtype)
+        tokens = pack(x.to(dtype))
+        img_ids = image_ids(h // 2, w // 2, x.device, dtype)
+        txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=x.device, dtype=dtype)
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([b], self.guidance, device=x.device, dtype=torch.float32)
         # timestep = (1000 * sigma) / 1000 as in FluxPipeline, so the rounding matches it exactly.
-        out = model(hidden_states=tokens, timestep=(sigma * 1000.0).to(self.dtype) / 1000, guidance=guidance,
-                    pooled_projections=cond.pooled.to(self.dtype), encoder_hidden_states=cond.embeds.to(self.dtype),
+        out = model(hidden_states=tokens, timestep=(sigma * 1000.0).to(dtype) / 1000, guidance=guidance,
+                    pooled_projections=cond.pooled.to(dtype), encoder_hidden_states=cond.embeds.to(dtype),
                     txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         return unpack(out.float(), c, h, w)
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning, ConditioningShape, FlowPolicy, batch_sigma
+from .base import Conditioning, ConditioningShape, FlowPolicy, batch_sigma, compute_dtype
 
 
 def default_complex_human_instruction() -> tuple[str, ...]:
@@ -83,7 +83,8 @@ class SanaPolicy(FlowPolicy):
     def velocity(self, model: nn.Module, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         sigma = batch_sigma(sigma, x.shape[0], x.device)
         timestep = sigma * 1000.0 * self.transformer.config.timestep_scale
-        out = model(x.to(self.dtype), encoder_hidden_states=cond.embeds.to(self.dtype),
+        dtype = compute_dtype(model, self.dtype)
+        out = model(x.to(dtype), encoder_hidden_states=cond.embeds.to(dtype),
                     encoder_attention_mask=cond.mask, timestep=timestep, return_dict=False)[0].float()
         channels = x.shape[1]
         if out.shape[1] == 2 * channels:  # learned-sigma checkpoints: the velocity is the first half

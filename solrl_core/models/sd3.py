@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning, ConditioningShape, FlowPolicy, batch_sigma, decode_shifted_kl
+from .base import Conditioning, ConditioningShape, FlowPolicy, batch_sigma, compute_dtype, decode_shifted_kl
 from .schedules import flux_shift_mu, scheduler_sigmas
 
 CLIP_TOKENS = 77
@@ -63,9 +63,10 @@ class SD3Policy(FlowPolicy):
 
     def velocity(self, model: nn.Module, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         sigma = batch_sigma(sigma, x.shape[0], x.device)
-        out = model(hidden_states=x.to(self.dtype), timestep=sigma * 1000.0,
-                    encoder_hidden_states=cond.embeds.to(self.dtype),
-                    pooled_projections=cond.pooled.to(self.dtype), return_dict=False)[0]
+        dtype = compute_dtype(model, self.dtype)
+        out = model(hidden_states=x.to(dtype), timestep=sigma * 1000.0,
+                    encoder_hidden_states=cond.embeds.to(dtype),
+                    pooled_projections=cond.pooled.to(dtype), return_dict=False)[0]
         return out.float()
 
     @torch.no_grad()

@@ -171,11 +171,15 @@ def plan_memory(folder: Path | str, family: str, shape: IterationShape, settings
     components["ema"] = trained * et
     components["optimizer_state"] = trained * (2 if settings.optimizer == "adamw8bit" else 2 * et)
     components["gradients"] = trained * et
-    explorer_bytes = sum(quantized_weight_nbytes(backend, o, i, cache_dequantized=settings.cache_dequantized,
-                                                 source_element_size=e) for o, i in quant_shapes.values()) \
-        if backend != "none" else 0
-    if backend != "none":
+    if backend == "cpu_bf16":  # the whole copy cast, no layer quantized
+        chosen, quant_shapes, quantized_params = {}, {}, 0
+        explorer_bytes = components["explorer_copy"] = params["transformer"] * torch.bfloat16.itemsize
+    elif backend != "none":
+        explorer_bytes = sum(quantized_weight_nbytes(backend, o, i, cache_dequantized=settings.cache_dequantized,
+                                                     source_element_size=e) for o, i in quant_shapes.values())
         components["explorer_copy"] = (params["transformer"] - quantized_params) * e + explorer_bytes
+    else:
+        explorer_bytes = 0
     if settings.regenerator == "merged_copy" and (shape.regenerate or shape.explore_precision == "full"):
         components["regenerator_copy"] = params["transformer"] * e
     encoders = [n for n in model_components(folder) if n.startswith("text_encoder")]
@@ -268,6 +272,9 @@ def _stage_traces(folder, family, settings, shape, backend, qconfig, options, po
         return act.meta_policy(folder, family, settings.dtype, depth, policy_settings)
 
     def explore(depth):
+        if backend == "cpu_bf16":  # the explorer is the plain model in bf16
+            policy = act.meta_policy(folder, family, torch.bfloat16, depth, policy_settings)
+            return act.sampling_step_trace(policy, policy.transformer, shape.explore_batch)
         policy = plain(depth)
         model = policy.transformer
         if backend != "none":

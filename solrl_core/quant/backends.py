@@ -1,8 +1,9 @@
 """Which low-precision path runs the quantized linears on a given device.
 
 auto: CUDA sm_100+ with Transformer Engine -> te_nvfp4; CUDA sm_89 / sm_90 with TE -> te_fp8;
-other CUDA devices -> emulated; CPU -> emulated (the faithful NVFP4 reference). cpu_int8 (fast,
-approximate: int8 weights and activations) is only used when asked for explicitly.
+other CUDA devices -> emulated; CPU -> emulated (the faithful NVFP4 reference). The CPU fast paths
+are only used when asked for explicitly: cpu_int8 (int8 weights and activations in the chosen
+linears) and cpu_bf16 (the whole copy in bf16, on CPUs with native bf16 arithmetic).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from types import ModuleType
 
 import torch
 
-BACKENDS = ("emulated", "te_nvfp4", "te_fp8", "cpu_int8", "none")
+BACKENDS = ("emulated", "te_nvfp4", "te_fp8", "cpu_int8", "cpu_bf16", "none")
+CPU_BACKENDS = ("cpu_int8", "cpu_bf16")
 NVFP4_MIN_CAPABILITY = (10, 0)
 FP8_MIN_CAPABILITY = (8, 9)
 
@@ -35,6 +37,11 @@ def import_transformer_engine() -> ModuleType | None:
 
 def transformer_engine_available() -> bool:
     return import_transformer_engine() is not None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _capability(device: torch.device, capability: tuple[int, int] | None) -> tuple[int, int]:
@@ -60,7 +67,7 @@ def select_backend(requested: str = "auto", device: torch.device | str = "cpu",
         if cuda:
             why = "Transformer Engine not importable" if not te_ok else f"sm_{cap[0]}{cap[1]} has no FP8/FP4 tensor cores"
             return BackendChoice("emulated", f"CUDA: {why}; NVFP4 emulated")
-        return BackendChoice("emulated", f"{device.type}: NVFP4 emulated (faithful reference; cpu_int8 is the fast approximate option)")
+        return BackendChoice("emulated", f"{device.type}: NVFP4 emulated (faithful reference; cpu_int8 / cpu_bf16 are the fast approximate options)")
     if requested in ("te_nvfp4", "te_fp8"):
         need = NVFP4_MIN_CAPABILITY if requested == "te_nvfp4" else FP8_MIN_CAPABILITY
         if not cuda:
@@ -70,6 +77,11 @@ def select_backend(requested: str = "auto", device: torch.device | str = "cpu",
         if not te_ok:
             raise ValueError(f"backend '{requested}' needs transformer_engine (pip install 'solrl[gpu]'), which does not import here")
         return BackendChoice(requested, f"requested; CUDA sm_{cap[0]}{cap[1]} with Transformer Engine")
-    if requested == "cpu_int8" and device.type != "cpu":
-        raise ValueError(f"backend 'cpu_int8' runs on CPU only, got {device}")
+    if requested in CPU_BACKENDS and device.type != "cpu":
+        raise ValueError(f"backend '{requested}' runs on CPU only, got {device}")
+    if requested == "cpu_bf16":
+        if not cpu_has_native_bf16():
+            raise ValueError("backend 'cpu_bf16' needs a CPU with native bf16 (AVX512-BF16 or AMX); this one would "
+                             "emulate it, slower than fp32: use cpu_int8")
+        return BackendChoice(requested, "requested; CPU with native bf16: the whole explorer copy in bf16")
     return BackendChoice(requested, "requested")

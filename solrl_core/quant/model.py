@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..models.base import COMPUTE_DTYPE_ATTRIBUTE
 from .backends import select_backend
 from .layers import QuantizedLayer, as_matrix, make_quantized_layer
 from .presets import preset_for
@@ -172,12 +173,15 @@ def _relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
 def quantize_model(model: nn.Module, config: QuantConfig | None = None, backend: str = "emulated") -> QuantReport:
     """Replace eligible linears of `model` in place; returns (and attaches to the model) a QuantReport.
 
-    backend: "emulated", "te_nvfp4", "te_fp8", "cpu_int8", "none" or "auto" (see select_backend).
+    backend: "emulated", "te_nvfp4", "te_fp8", "cpu_int8", "cpu_bf16", "none" or "auto" (see
+    select_backend). cpu_bf16 replaces no layer: it casts the whole copy (`config` does not apply).
     """
     config = config or QuantConfig()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     choice = select_backend(backend, device)
     report = QuantReport(choice.name, choice.reason)
+    if choice.name == "cpu_bf16":
+        return _cast_whole_copy(model, report, torch.bfloat16)
     chosen, report.skipped = select_layers(model, config)
     if choice.name == "none":
         report.skipped.update({name: "backend 'none'" for name in chosen})
@@ -191,6 +195,26 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, backend:
             _relative_error(weight, layer.dequantized_weight()),
             weight.numel() * weight.element_size(), layer.weight_nbytes))
         _set_submodule(model, name, layer)
+    setattr(model, REPORT_ATTRIBUTE, report)
+    return report
+
+
+def _cast_whole_copy(model: nn.Module, report: QuantReport, dtype: torch.dtype) -> QuantReport:
+    """Cast every floating parameter and buffer of `model` to `dtype` and mark the model so the policy
+    feeds it `dtype` inputs; the report lists each linear / convolution with its rounding error."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            weight = as_matrix(module.weight)
+            report.quantized.append(LayerReport(
+                name, weight.shape[1], weight.shape[0], _relative_error(weight, weight.to(dtype)),
+                weight.numel() * weight.element_size(), weight.numel() * dtype.itemsize))
+    # Tensor by tensor rather than model.to(): diffusers' to() warns on every cast; the modules a
+    # diffusers model asks to keep in fp32 stay fp32, as its from_pretrained(torch_dtype=...) keeps them.
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not keep.intersection(name.split(".")):
+            tensor.data = tensor.data.to(dtype)
+    setattr(model, COMPUTE_DTYPE_ATTRIBUTE, dtype)
     setattr(model, REPORT_ATTRIBUTE, report)
     return report
 

@@ -50,8 +50,10 @@ class RequantizeSettings(Settings):
     """How the sampling policy's low-precision explorer copy is made."""
 
     backend: str = setting("auto", choices=("auto", *BACKENDS),
-                           help="auto: NVFP4 on Blackwell, FP8 on Hopper / Ada, emulated NVFP4 on CPU; none: "
-                                "no explorer (full precision only).")
+                           help="auto: NVFP4 on Blackwell, FP8 on Hopper / Ada, emulated NVFP4 on CPU; fast CPU "
+                                "explorers: cpu_int8 (int8 linears), cpu_bf16 (the whole copy in bf16; CPUs with "
+                                "native bf16, min_dim and weight_tile do not apply); none: no explorer (full "
+                                "precision only).")
     min_dim: int = setting(-1, min=-1, max=1 << 20,
                            help="Skip layers with max(in, out) <= this; -1: the model family's default.")
     weight_tile: str = setting("16x16", choices=("16x16", "1x16"), help="NVFP4 weight scaling block.")
