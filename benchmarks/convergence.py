@@ -6,7 +6,7 @@ Five arms train the embedded model on the same task (benchmarks/miniature.py: co
 them held out, the same prompts, seed, K, F and learning rate), interleaved one iteration each in
 turn, each timing its own work: Sol-RL with the emulated NVFP4 explorer, Sol-RL with `cpu_int8`,
 DiffusionNFT (K-in-K at full precision), naive scaling (K-in-N at full precision) and naive quant
-(train on the NVFP4 drafts). The held-out reward (prompts never trained on, fixed seeds) is measured
+(train on the NVFP4 drafts); on a CPU with native bf16 a sixth, Sol-RL with `cpu_bf16`. The held-out reward (prompts never trained on, fixed seeds) is measured
 every few iterations, untimed. For each arm: the time to reach DiffusionNFT's final held-out
 reward, as a ratio to DiffusionNFT's own (the paper's convergence speed-up, 2.42-4.64x on 8 B200s).
 

@@ -155,6 +155,7 @@ def test_cpu_bf16_explorer_is_the_whole_model_at_two_bytes(tiny_flux):
     assert plan.holdings["regenerator_copy"] == 4 * params
     fp32 = plan_memory(tiny_flux, "flux", replace(shape, backend="none"), MemorySettings(dtype=torch.float32))
     assert 0 < plan.stages["explore"]["activations"] < fp32.stages["explore"]["activations"]  # bf16 tensors
+    assert f"explorer: backend cpu_bf16, the whole copy in bf16, held as {2 * params / GIB:.2f} GiB\n" in render(plan, "w")
 
 
 def test_workflow_memory_switches_reach_the_plan(tmp_path, tiny_flux, capsys):

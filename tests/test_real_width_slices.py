@@ -1,5 +1,6 @@
 """A whole Sol-RL iteration on real-width slices (published widths and heads, one block, random
-weights) on the CPU, with the emulated NVFP4 and the cpu_int8 explorers at the real thresholds."""
+weights) on the CPU, with the emulated NVFP4 and the cpu_int8 explorers at the real thresholds, and
+the cpu_bf16 one where the CPU has native bf16."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ from test_published_models import _expected_layers
 from solrl_core.models import adapter_state
 from solrl_core.models.published import component_config, published_folder
 from solrl_core.models.slices import ONE_BLOCK, SLICE_DEPTH, build_slice
+from solrl_core.quant.backends import cpu_has_native_bf16
 from solrl_core.rewards import load_weighted_reward
 from solrl_core.train import settings as st
 from solrl_core.train.session import SAMPLING, TRAINED, TrainingSession
@@ -50,6 +52,7 @@ def _iteration(policy, backend: str, tmp_path) -> tuple[TrainingSession, dict]:
 
 def _check_iteration(family: str, depth: dict[str, int], tmp_path) -> None:
     policy = build_slice(family, depth=depth, resolution=(16, 16))
+    every = sorted(n for n, m in policy.transformer.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
     config, published = policy.transformer.config, component_config(published_folder(family), "transformer")
     for key in ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "caption_channels",
                 "cross_attention_dim", "pooled_projection_dim"):
@@ -61,23 +64,26 @@ def _check_iteration(family: str, depth: dict[str, int], tmp_path) -> None:
     assert (cond.pooled is None and shape.pooled is None) or tuple(cond.pooled.shape) == (2, shape.pooled)
     x = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
     sigma = torch.full((2,), 0.7)
-    for backend in ("emulated", "cpu_int8"):
+    for backend in ("emulated", "cpu_int8", *(("cpu_bf16",) if cpu_has_native_bf16() else ())):
         session, out = _iteration(policy, backend, tmp_path)
         report = out["copies"].quant_report
         names = sorted(r["name"] for r in report["quantized"])
-        assert names == _slice_layers(family, depth), backend  # real shapes, real thresholds
         errors = [r["rel_error"] for r in report["quantized"]]
+        if backend == "cpu_bf16":  # the whole copy: every linear and convolution, bf16's unit roundoff
+            assert names == every and all(0 < e <= 2**-8 for e in errors)
+        else:
+            assert names == _slice_layers(family, depth), backend  # real shapes, real thresholds
         if backend == "cpu_int8":
             # Per-row int8 of uniform weights (PyTorch's default init): RMS error amax/127/sqrt(12)
             # over RMS amax/sqrt(3) = 1/254.
             assert all(e == pytest.approx(1 / 254, rel=0.05) for e in errors), errors
-        else:
+        elif backend == "emulated":
             assert all(0.08 < e < 0.15 for e in errors), errors  # NVFP4: 4-bit elements, E4M3 block scales
         with torch.no_grad():
             full = policy.velocity(out["copies"].regenerator, x, sigma, cond)
             low = policy.velocity(out["copies"].explorer, x, sigma, cond)
         rel = ((low - full).norm() / full.norm()).item()
-        assert 0 < rel < (0.1 if backend == "emulated" else 0.01), (backend, rel)
+        assert 0 < rel < {"emulated": 0.1, "cpu_int8": 0.01, "cpu_bf16": 0.02}[backend], (backend, rel)
         stats = out["stats"]
         assert stats["stepped"] == 1 and math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
         assert out["drafts"].precision == "low" and out["samples"].precision == "full"

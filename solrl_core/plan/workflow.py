@@ -157,9 +157,10 @@ def render(plan: MemoryPlan, workflow: str) -> str:
         f"memory switches: offload_frozen {plan.settings['offload_frozen']}, regenerator "
         f"{plan.settings['regenerator']}, gradient_checkpointing {plan.settings['gradient_checkpointing']}, "
         f"optimizer {plan.settings['optimizer']}; trained weights {plan.settings['trained_dtype']}",
-        f"explorer: backend {plan.explorer_backend}, {len(plan.quantized_layers)} quantized layers, "
-        f"{plan.quantized_params / 1e9:.3f} B parameters, held as {plan.explorer_bytes / GIB:.2f} GiB "
-        f"(bf16 {plan.explorer_bf16_bytes / GIB:.2f} GiB)",
+        f"explorer: backend {plan.explorer_backend}, "
+        + (f"the whole copy in bf16, held as {plan.explorer_bytes / GIB:.2f} GiB" if plan.explorer_backend == "cpu_bf16"
+           else f"{len(plan.quantized_layers)} quantized layers, {plan.quantized_params / 1e9:.3f} B parameters, held "
+                f"as {plan.explorer_bytes / GIB:.2f} GiB (bf16 {plan.explorer_bf16_bytes / GIB:.2f} GiB)"),
     ]
     lines += [f"  {line}" for line in collapse_layers(plan.quantized_layers)]
     lines.append(f"peak: stage '{plan.peak_stage}'")

@@ -79,8 +79,10 @@ class QuantReport:
     def summary(self) -> str:
         worst = max(self.quantized, key=lambda r: r.rel_error, default=None)
         worst_txt = f", worst rel. weight error {worst.rel_error:.3f} ({worst.name})" if worst else ""
-        return (f"{self.backend}: {len(self.quantized)} layers quantized, {len(self.skipped)} skipped, "
-                f"weights {_mib(self.bytes_before)} -> {_mib(self.bytes_after)} MiB{worst_txt}")
+        done = (f"the whole copy in bf16 ({len(self.quantized)} linears / convolutions)" if self.backend == "cpu_bf16"
+                else f"{len(self.quantized)} layers quantized, {len(self.skipped)} skipped")
+        return (f"{self.backend}: {done}, weights {_mib(self.bytes_before)} -> {_mib(self.bytes_after)} MiB"
+                f"{worst_txt}")
 
 
 def _mib(n: int) -> str:
