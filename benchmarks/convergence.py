@@ -1,6 +1,6 @@
 """Convergence: Sol-RL against DiffusionNFT, naive scaling and naive quant, side by side on CPU.
 
-    python benchmarks/convergence.py [--seed S] [--minutes M] [--json OUT] [--threads 2]
+    python benchmarks/convergence.py [--seed S] [--minutes M] [--json OUT] [--threads 2] [--report-only]
 
 Five arms train the embedded model on the same task (benchmarks/miniature.py: count prompts, 15 of
 them held out, the same prompts, seed, K, F and learning rate), interleaved one iteration each in
@@ -111,9 +111,11 @@ def report(curves: dict[str, Curve], facts: dict, seed: int, others: dict[int, l
               "full-precision sampling), relative to DiffusionNFT's full-precision sampling.", "",
               "Ranking by mean held-out reward over the run: " + " > ".join(curves[n].label for n in order) + "."]
     for other_seed, other in sorted(others.items()):
-        same = "the same" if other == order else "a different"
+        # Over the arms both runs have (the cpu_bf16 arm runs only where the CPU has native bf16).
+        other, mine = [n for n in other if n in curves], [n for n in order if n in other]
+        same = "the same" if other == mine else "a different"
         lines.append(f"Seed {other_seed} ranks them: " + " > ".join(curves[n].label for n in other)
-                     + f" ({same} order).")
+                     + f" ({same} order{'' if len(mine) == len(order) else ' of the arms both runs have'}).")
     lines += ["", "Held-out reward (raw) after each number of iterations:", "",
               "| iteration | " + " | ".join(c.label for c in curves.values()) + " |",
               "|---:|" + "---:|" * len(curves)]
@@ -167,16 +169,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the raw curves here")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--report-only", action="store_true",
+                    help="no training: write the table and plot again from the stored convergence_seed<S>.json "
+                         "(e.g. to compare with a seed run since)")
     a = ap.parse_args(argv)
-    task = Task(seed=a.seed, iterations=a.iterations)
-    curves, facts = run_arms(paper_arms(task), task, minutes=a.minutes, threads=a.threads)
     stem = "convergence" if a.seed == 0 else f"convergence_seed{a.seed}"
-    a.out_dir.mkdir(parents=True, exist_ok=True)
-    data = {"seed": a.seed, "facts": facts, "curves": {n: asdict(c) for n, c in curves.items()}}
-    raw = json.dumps(data, indent=1) + "\n"
-    (a.out_dir / f"convergence_seed{a.seed}.json").write_text(raw)
-    if a.json:
-        a.json.write_text(raw)
+    stored = a.out_dir / f"convergence_seed{a.seed}.json"
+    if a.report_only:
+        if not stored.is_file():
+            raise SystemExit(f"error: {stored}: no stored run of seed {a.seed} to report on")
+        data = json.loads(stored.read_text())
+        curves, facts = {n: Curve(**c) for n, c in data["curves"].items()}, data["facts"]
+    else:
+        task = Task(seed=a.seed, iterations=a.iterations)
+        curves, facts = run_arms(paper_arms(task), task, minutes=a.minutes, threads=a.threads)
+        a.out_dir.mkdir(parents=True, exist_ok=True)
+        data = {"seed": a.seed, "facts": facts, "curves": {n: asdict(c) for n, c in curves.items()}}
+        raw = json.dumps(data, indent=1) + "\n"
+        stored.write_text(raw)
+        if a.json:
+            a.json.write_text(raw)
     text = report(curves, facts, a.seed, _other_seeds(a.out_dir, a.seed, facts["task"]))
     (a.out_dir / f"{stem}.md").write_text(text)
     plot(curves, a.out_dir / f"{stem}.png", f"Held-out reward, embedded model, seed {a.seed}")

@@ -2,9 +2,10 @@
 (everything but the timings) and differ only in their stages."""
 from __future__ import annotations
 
+import json
 import math
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,25 @@ def test_arms_are_deterministic_for_a_seed_and_learn_differently(monkeypatch):
     assert len({a[n].reward[-1] for n in arms}) > 1
     with pytest.raises(ValueError, match="held_out"):
         run_arms({"x": arms["diffusionnft"]}, replace(TINY, held_out=45), threads=1, log=lambda _: None)
+
+
+def test_report_only_rewrites_the_tables_from_the_stored_runs(tmp_path, capsys):
+    """--report-only trains nothing: it renders the stored run of a seed, ranked against the stored runs
+    of other seeds over the arms both have (here seed 1 lacks an arm, as on a CPU without native bf16)."""
+    import convergence
+
+    arms = {k: v for k, v in paper_arms(TINY).items() if k in ("diffusionnft", "naive_scaling", "sol_rl_int8")}
+    curves, facts = run_arms(arms, TINY, threads=1, log=lambda _: None)
+    for seed, names in ((0, list(arms)), (1, ["diffusionnft", "naive_scaling"])):
+        data = {"seed": seed, "facts": facts, "curves": {n: asdict(curves[n]) for n in names}}
+        (tmp_path / f"convergence_seed{seed}.json").write_text(json.dumps(data))
+    convergence.main(["--report-only", "--out-dir", str(tmp_path)])
+    text = (tmp_path / "convergence.md").read_text()
+    assert (tmp_path / "convergence.png").stat().st_size > 0 and text == capsys.readouterr().out.rstrip("\n") + "\n"
+    for name in arms:
+        assert f"| {curves[name].label} |" in text
+    shared = [n for n in convergence.ranking(curves) if n != "sol_rl_int8"]
+    assert ("Seed 1 ranks them: " + " > ".join(curves[n].label for n in shared)
+            + " (the same order of the arms both runs have).") in text
+    with pytest.raises(SystemExit, match="no stored run of seed 7"):
+        convergence.main(["--report-only", "--seed", "7", "--out-dir", str(tmp_path)])
