@@ -41,7 +41,10 @@ def transformer_engine_available() -> bool:
 
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    try:  # a private query of torch's oneDNN build; a build without it counts as "no"
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _capability(device: torch.device, capability: tuple[int, int] | None) -> tuple[int, int]:
