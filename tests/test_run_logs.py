@@ -119,6 +119,6 @@ def test_a_missing_package_is_one_line_at_validation(tmp_path, model, capsys, mo
     assert main([str(_workflow(tmp_path, model, 1, log_to)), "--run-dir", "run"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert f"(SolRLTrainingRun): input 'log_to': log_to {package} needs the {package} package: " \
+    assert f"(SolRLTrainingRun): input 'log_to': log_to {package} needs {package}, which is not installed: " \
            f'pip install -e ".[{package}]"' in err, err
     assert [p.name for p in tmp_path.iterdir()] == ["wf.json"]

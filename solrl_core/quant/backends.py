@@ -13,6 +13,8 @@ from types import ModuleType
 
 import torch
 
+from ..runtime.extras import install_command
+
 BACKENDS = ("emulated", "te_nvfp4", "te_fp8", "cpu_int8", "cpu_bf16", "none")
 CPU_BACKENDS = ("cpu_int8", "cpu_bf16")
 NVFP4_MIN_CAPABILITY = (10, 0)
@@ -78,7 +80,7 @@ def select_backend(requested: str = "auto", device: torch.device | str = "cpu",
         if cap < need:
             raise ValueError(f"backend '{requested}' needs compute capability >= {need[0]}.{need[1]}, device has {cap[0]}.{cap[1]}")
         if not te_ok:
-            raise ValueError(f"backend '{requested}' needs transformer_engine (pip install 'solrl[gpu]'), which does not import here")
+            raise ValueError(f"backend '{requested}' needs transformer_engine ({install_command('gpu')}), which does not import here")
         return BackendChoice(requested, f"requested; CUDA sm_{cap[0]}{cap[1]} with Transformer Engine")
     if requested in CPU_BACKENDS and device.type != "cpu":
         raise ValueError(f"backend '{requested}' runs on CPU only, got {device}")

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..runtime.extras import missing_extra
 from .base import Reward, RewardDependencyError, logger
 
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
@@ -48,12 +49,9 @@ class OcrReward(Reward):
     default_batch_size = 8
 
     def check_files(self) -> None:
-        try:
-            import rapidocr_onnxruntime  # noqa: F401
-        except ImportError as e:
-            raise RewardDependencyError(
-                "reward 'ocr' needs the rapidocr-onnxruntime package (its OCR weights ship inside the wheel); "
-                "install it with: pip install rapidocr-onnxruntime") from e
+        problem = missing_extra("ocr", "reward 'ocr'")  # its OCR weights ship inside the package's wheel
+        if problem:
+            raise RewardDependencyError(problem)
 
     def _load(self) -> None:
         from rapidocr_onnxruntime import RapidOCR

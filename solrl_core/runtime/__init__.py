@@ -3,4 +3,5 @@
 context:     what a running op may ask of its host (run directory, progress, interruption, folders)
 files:       atomic writes and checks of the run directory
 distributed: torch.distributed helpers (process index, sums, gathers)
+extras:      optional packages (pyproject extras): installed or not, and how to add them
 """

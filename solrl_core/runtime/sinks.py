@@ -7,7 +7,6 @@ their step (or in order when they have none).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .distributed import is_main
+from .extras import extra_import_error, missing_extra
 from .metrics import MetricsLog
 
 TENSORBOARD_DIR = "tensorboard"
@@ -39,7 +39,7 @@ class TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ImportError(_install_hint("tensorboard")) from e
+            raise extra_import_error("tensorboard", "log_to tensorboard", e) from e
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR))
         if config:
             self.writer.add_text("config", json.dumps(config, sort_keys=True))
@@ -71,7 +71,7 @@ class WandbSink:
         try:
             import wandb
         except ImportError as e:
-            raise ImportError(_install_hint("wandb")) from e
+            raise extra_import_error("wandb", "log_to wandb", e) from e
         run_dir = Path(run_dir)
         settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, reinit="create_new")
         self._wandb = wandb
@@ -95,10 +95,6 @@ class WandbSink:
 SINKS = {"tensorboard": TensorBoardSink, "wandb": WandbSink}  # each needs the package of its name
 
 
-def _install_hint(kind: str) -> str:
-    return f'log_to {kind} needs the {kind} package: pip install -e ".[{kind}]"'
-
-
 def sinks_of(log_to: str) -> list[str]:
     """The sinks a `log_to` value asks for (metrics.jsonl itself is always written)."""
     return [kind for kind in log_to.split("+") if kind in SINKS]
@@ -107,8 +103,9 @@ def sinks_of(log_to: str) -> list[str]:
 def check_sinks(log_to: str) -> None:
     """Before any compute: every sink asked for can be made (its package is installed)."""
     for kind in sinks_of(log_to):
-        if importlib.util.find_spec(kind) is None:
-            raise ImportError(_install_hint(kind))
+        problem = missing_extra(kind, f"log_to {kind}")
+        if problem:
+            raise ImportError(problem)
 
 
 def attach_sinks(log: MetricsLog, log_to: str, config: dict[str, Any] | None = None) -> None:

@@ -8,16 +8,14 @@ tensors, so a resumed run continues from exactly the same state.
 """
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..runtime.extras import missing_extra
 from .settings import OPTIMIZERS
-
-INSTALL_8BIT = 'pip install -e ".[adamw8bit]"'
 
 
 class OptimizerUnavailableError(ImportError):
@@ -26,9 +24,7 @@ class OptimizerUnavailableError(ImportError):
 
 def missing_package(kind: str) -> str | None:
     """The one-line error for an optimizer whose package is not installed, or None (cheap: no import)."""
-    if kind == "adamw8bit" and importlib.util.find_spec("torchao") is None:
-        return f"the 8-bit AdamW needs torchao, which is not installed: {INSTALL_8BIT}"
-    return None
+    return missing_extra("adamw8bit", "the 8-bit AdamW") if kind == "adamw8bit" else None
 
 
 def _adamw8bit():
