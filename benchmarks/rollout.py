@@ -12,7 +12,9 @@ K < N; `cpu_int8` and `cpu_bf16` (CPUs with native bf16) are the fast CPU explor
 hardware speedup the paper measures.
 
 A second table times one model step of each explorer against one full-precision step on the same
-batch (the quickstart's 64 images), and how much of each step the quantizable layers take.
+batch (the quickstart's 64 images), and how much of each step the quantizable layers take; a third
+times cpu_int8 against fp32 on random-weight transformers of the embedded config at wider widths
+(`--widths`), to show what a wider embedded model would do to cpu_int8's step speed-up.
 
 Real-width slices (`--families`): the rollout comparison per model family on a random-weight slice
 of the published transformer (real widths, heads and explorer thresholds; one block; a resolution
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--step-batch", type=int, default=64, help="images per model step in the per-step table")
     ap.add_argument("--step-repeats", type=int, default=15)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--widths", default="128,256,384",
+                    help="embedded-config widths for the cpu_int8 width sweep ('' for none)")
     add_slice_arguments(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {name} | {med:.2f} | {base / med:.2f}x |")
     lines += ["", "Paper (8x B200, SANA / FLUX.1 / SD3.5-L rollout): 1.41x / 2.33x / 2.41x."]
     lines += explorer_step_section(policy, prompts, sessions, args.step_batch, args.step_repeats, args.threads)
+    lines += int8_width_section(policy, [int(w) for w in args.widths.split(",") if w], args.step_batch,
+                                args.step_repeats, args.threads)
     lines += slice_table(args)
     text = "\n".join(lines) + "\n"
     print(text)
@@ -297,6 +303,57 @@ def explorer_step_section(policy, prompts: list[str], sessions: dict, batch: int
     lines += ["", f"Were the quantizable layers free, an fp32 step would be {bound:.2f}x faster: the most an "
               "explorer that replaces only those layers (emulated NVFP4, cpu_int8) can gain on this model. "
               "cpu_bf16 also runs the rest of the step in bf16."]
+    return lines
+
+
+def int8_width_section(policy, widths: list[int], batch: int, repeats: int, threads: int) -> list[str]:
+    """cpu_int8 against fp32 for one step of random-weight transformers of the embedded model's config at
+    wider widths (same depth, tokens, head size and explorer layers): would a wider embedded model let
+    cpu_int8 reach its 1.5x step target? Its weights are capped at 20 MB."""
+    if not widths:
+        return []
+    import copy
+    from dataclasses import replace
+
+    from solrl_core.models.published import parameter_count
+    from solrl_core.quant.model import QuantConfig, quantize_model
+
+    base_config = dict(policy.transformer.config)
+    head_dim = base_config["attention_head_dim"]
+    side = base_config["sample_size"]
+    tokens = (side // base_config["patch_size"]) ** 2
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, base_config["in_channels"], side, side, generator=generator)
+    text = torch.randn(batch, policy.max_sequence_length, base_config["caption_channels"], generator=generator)
+    mask = torch.ones(batch, policy.max_sequence_length)
+    timestep = torch.full((batch,), 750.0)
+    layers = replace(QuantConfig.for_family("sana"), min_dim=EMBEDDED_MIN_DIM["cpu_int8"])
+
+    def step(model: nn.Module) -> None:
+        with torch.no_grad():
+            model(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=timestep)
+
+    lines = ["", "## cpu_int8 at wider widths (the embedded model's config, random weights)", "",
+             f"One call on {batch} images of a random-weight transformer with the embedded model's config "
+             f"({base_config['num_layers']} blocks, {head_dim}-wide heads, {tokens} tokens per image) at each width, fp32 against the cpu_int8 explorer with the "
+             f"same layers as above, {threads} threads, median of {repeats} interleaved repeats. The shipped "
+             "weights are capped at 20 MB; fp32 bytes are 4 per parameter (2 if shipped in bf16).", "",
+             "| width | parameters | fp32 MB | fp32 ms | cpu_int8 ms | cpu_int8 speed-up |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for width in widths:
+        heads = width // head_dim
+        config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+        config.update(num_attention_heads=heads, num_cross_attention_heads=heads, cross_attention_dim=width)
+        torch.manual_seed(width)
+        full = type(policy.transformer)(**config).eval()
+        explorer = copy.deepcopy(full)
+        quantize_model(explorer, layers, backend="cpu_int8")
+        times = interleaved_times({"fp32": lambda m=full: step(m), "cpu_int8": lambda m=explorer: step(m)}, repeats)
+        fp32, int8 = statistics.median(times["fp32"]), statistics.median(times["cpu_int8"])
+        params = parameter_count(full)
+        lines.append(f"| {width} | {params / 1e6:.2f} M | {4 * params / 1e6:.0f} | {1000 * fp32:.1f} | "
+                     f"{1000 * int8:.1f} | {fp32 / int8:.2f}x |")
+        print(lines[-1], flush=True)
     return lines
 
 
