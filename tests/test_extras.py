@@ -1,5 +1,6 @@
 """Optional extras: the packages the code checks for are the ones pyproject's extras install, and a
 missing one gives one line naming what needs it and the pip command."""
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,14 @@ def test_installed_but_broken_package_says_so():
     error = extras.extra_import_error("wandb", "log_to wandb", ImportError("libfoo.so missing"))
     assert str(error) == ('log_to wandb needs wandb, which is installed but does not import (libfoo.so missing): '
                           'pip install -e ".[wandb]"')
+
+
+def test_the_ocr_reward_names_its_extra_at_validation(monkeypatch):
+    from solrl_core.rewards.base import RewardDependencyError
+    from solrl_core.rewards.ocr import OcrReward
+
+    monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # as if it were not installed
+    with pytest.raises(RewardDependencyError) as err:
+        OcrReward().check_files()
+    assert str(err.value) == ("reward 'ocr' needs rapidocr-onnxruntime, which is not installed: "
+                              'pip install -e ".[ocr]"')

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..runtime.extras import missing_extra
+from ..runtime.extras import extra_import_error
 from .base import Reward, RewardDependencyError, logger
 
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
@@ -49,9 +49,10 @@ class OcrReward(Reward):
     default_batch_size = 8
 
     def check_files(self) -> None:
-        problem = missing_extra("ocr", "reward 'ocr'")  # its OCR weights ship inside the package's wheel
-        if problem:
-            raise RewardDependencyError(problem)
+        try:  # imported here, at validation, so a broken install fails before any compute
+            import rapidocr_onnxruntime  # noqa: F401  (its OCR weights ship inside the wheel)
+        except ImportError as e:
+            raise RewardDependencyError(str(extra_import_error("ocr", "reward 'ocr'", e))) from e
 
     def _load(self) -> None:
         from rapidocr_onnxruntime import RapidOCR
