@@ -313,7 +313,6 @@ def int8_width_section(policy, widths: list[int], batch: int, repeats: int, thre
     if not widths:
         return []
     import copy
-    from dataclasses import replace
 
     from solrl_core.models.published import parameter_count
     from solrl_core.quant.model import QuantConfig, quantize_model
@@ -327,7 +326,7 @@ def int8_width_section(policy, widths: list[int], batch: int, repeats: int, thre
     text = torch.randn(batch, policy.max_sequence_length, base_config["caption_channels"], generator=generator)
     mask = torch.ones(batch, policy.max_sequence_length)
     timestep = torch.full((batch,), 750.0)
-    layers = replace(QuantConfig.for_family("sana"), min_dim=EMBEDDED_MIN_DIM["cpu_int8"])
+    layers = QuantConfig.for_family(policy.family, EMBEDDED_MIN_DIM["cpu_int8"])  # as the session builds it
 
     def step(model: nn.Module) -> None:
         with torch.no_grad():

@@ -28,7 +28,7 @@ def missing_extra(extra: str, needed_by: str) -> str | None:
 
 def extra_import_error(extra: str, needed_by: str, error: ImportError) -> ImportError:
     """The one-line error for a failed import of an extra's package: not installed, or installed but broken."""
-    module, package = EXTRAS[extra]
+    package = EXTRAS[extra][1]
     problem = missing_extra(extra, needed_by) or (
         f"{needed_by} needs {package}, which is installed but does not import ({error}): {install_command(extra)}")
     return ImportError(problem)
